@@ -1,0 +1,277 @@
+"""The model configuration: one typed dataclass, read from Hugging Face `config.json` or Meta `params.json`.
+
+Every key that changes the math is read; a key whose meaning the engine cannot honour is a `ConfigError` that
+names it; a key the engine has never heard of is reported in a warning rather than dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+class ConfigError(ValueError):
+    """A configuration the engine cannot honour. The message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """How rotary position embeddings turn a position into angles (see `llama.model.rope_inv_freq`)."""
+
+    type: str = "default"  # one of ROPE_TYPES
+    theta: float = 10_000.0  # the base: inv_freq[i] = theta^(-2i/D)
+    factor: float = 1.0  # linear / dynamic / yarn / llama3 context-extension factor
+    original_max_position_embeddings: int | None = None  # llama3 / yarn: the pre-training context length
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn: scale of cos/sin (None: derived from factor and mscale)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama network. Names follow the shape legend used in `llama/model.py`."""
+
+    vocab_size: int  # V
+    dim: int  # model width (hidden_size)
+    n_layers: int
+    n_heads: int  # H: query heads
+    n_kv_heads: int  # K: key/value heads (K == H: MHA, 1 < K < H: GQA, K == 1: MQA)
+    head_dim: int  # D: need not equal dim / n_heads
+    ffn_dim: int  # SwiGLU hidden width (intermediate_size)
+    norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False  # the output projection reuses the token embedding matrix
+    attention_bias: bool = False  # biases on q/k/v/o projections
+    mlp_bias: bool = False  # biases on gate/up/down projections
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.n_heads}) must be a multiple of num_key_value_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope.type not in ROPE_TYPES:
+            raise ConfigError(f"rope type {self.rope.type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> ModelConfig:
+        """Read a `config.json` (Hugging Face) or a `params.json` (Meta), by file name."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the configuration: {e}") from e
+        if path.name == "params.json":
+            return cls.from_meta_params(data, source=str(path), **overrides)
+        return cls.from_hf_config(data, source=str(path))
+
+    # ---------------------------------------------------------------- Hugging Face config.json
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        def get(key: str, default: Any = _REQUIRED) -> Any:
+            value = config.get(key)
+            if value is None:
+                if default is _REQUIRED:
+                    raise ConfigError(f"{source}: required key {key!r} is missing")
+                return default
+            return value
+
+        model_type = config.get("model_type", "llama")
+        if model_type != "llama":
+            raise ConfigError(f"{source}: model_type {model_type!r} is not a Llama model (expected 'llama')")
+        for key, allowed in _MUST_EQUAL.items():
+            if key in config and config[key] not in allowed:
+                raise ConfigError(f"{source}: {key}={config[key]!r} is not supported (supported: {allowed})")
+        unknown = sorted(set(config) - _HF_KEYS_READ - set(_MUST_EQUAL) - _HF_KEYS_WITHOUT_EFFECT)
+        if unknown:
+            warnings.warn(f"{source}: keys not used by this engine: {', '.join(unknown)}", stacklevel=3)
+
+        dim = int(get("hidden_size"))
+        n_heads = int(get("num_attention_heads"))
+        eos = get("eos_token_id", ())
+        return cls(
+            vocab_size=int(get("vocab_size")),
+            dim=dim,
+            n_layers=int(get("num_hidden_layers")),
+            n_heads=n_heads,
+            n_kv_heads=int(get("num_key_value_heads", n_heads)),
+            head_dim=int(get("head_dim", dim // n_heads)),
+            ffn_dim=int(get("intermediate_size")),
+            norm_eps=float(get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            attention_bias=bool(get("attention_bias", False)),
+            mlp_bias=bool(get("mlp_bias", False)),
+            rope=_rope_from_hf(config, source),
+            bos_token_id=get("bos_token_id", None),
+            eos_token_ids=tuple(int(i) for i in eos) if isinstance(eos, (list, tuple)) else (int(eos),),
+        )
+
+    # ---------------------------------------------------------------- Meta params.json
+    @classmethod
+    def from_meta_params(
+        cls, params: dict[str, Any], source: str = "params.json", vocab_size: int | None = None
+    ) -> ModelConfig:
+        """Meta's `params.json`. Llama 2 says `vocab_size: -1`: pass the size read off the embedding tensor."""
+        for key in ("dim", "n_layers", "n_heads"):
+            if key not in params:
+                raise ConfigError(f"{source}: required key {key!r} is missing")
+        for key in ("quantization_args", "lora_args", "vision_chunk_size", "moe_args"):
+            if params.get(key) not in (None, -1):
+                raise ConfigError(f"{source}: {key!r} is not supported by this engine")
+        dim, n_heads = int(params["dim"]), int(params["n_heads"])
+        n_layers = int(params["n_layers"])
+        if params.get("vocab_size", -1) not in (-1, None):
+            vocab_size = int(params["vocab_size"])
+        if vocab_size is None:
+            raise ConfigError(f"{source}: vocab_size is -1 and no embedding tensor was given to read it from")
+
+        theta = float(params.get("rope_theta", 10_000.0))
+        if params.get("use_scaled_rope", False):
+            # Meta's reference hard-codes factor 8 (Llama 3.1); Llama 3.2 1B/3B were trained with 32 and their
+            # params.json does not say so, so the two 3.2 shapes are recognised here.
+            default_factor = 32.0 if (dim, n_layers) in {(2048, 16), (3072, 28)} else 8.0
+            rope = RopeConfig(
+                type="llama3",
+                theta=theta,
+                factor=float(params.get("rope_scaling_factor") or default_factor),
+                low_freq_factor=1.0,
+                high_freq_factor=float(params.get("rope_high_freq_factor", 4.0)),
+                original_max_position_embeddings=8192,
+            )
+            max_pos = 131_072
+        else:
+            rope = RopeConfig(theta=theta)
+            # Llama 2: 4096; Code Llama (theta 1e6): 16384; Llama 3: 8192.
+            max_pos = {1_000_000.0: 16_384, 500_000.0: 8192}.get(theta, 4096)
+        return cls(
+            vocab_size=vocab_size,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
+            head_dim=dim // n_heads,
+            ffn_dim=meta_ffn_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+            max_position_embeddings=int(params.get("max_seq_len") or max_pos),
+            rope=rope,
+        )
+
+    def with_overrides(self, **changes: Any) -> ModelConfig:
+        return replace(self, **changes)
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's SwiGLU width: 2/3 of 4*dim (same parameter count as a 4*dim GELU MLP), times an optional
+    multiplier, rounded up to a multiple of `multiple_of`. Llama 2 7B: 11008; Llama 3 8B: 14336."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+# ---------------------------------------------------------------- RoPE spellings
+_REQUIRED = object()
+
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    "yarn": {
+        "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+        "mscale", "mscale_all_dim", "truncate",
+    },
+}
+_REQUIRED_ROPE_KEYS = {"linear": {"factor"}, "dynamic": {"factor"}, "llama3": {"factor", "low_freq_factor",
+                                                                                "high_freq_factor"}}
+
+
+def _rope_from_hf(config: dict[str, Any], source: str) -> RopeConfig:
+    """Both spellings: transformers 4.x `rope_theta` + `rope_scaling` ({"type"|"rope_type": ...} or null), and
+    transformers 5.x `rope_parameters` ({"rope_type", "rope_theta", ...}). As in transformers, `rope_scaling`
+    takes precedence when both are present."""
+    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    params = dict(config.get(key) or {})
+    theta = params.pop("rope_theta", None) or config.get("rope_theta") or 10_000.0
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if rope_type not in _ROPE_KEYS:
+        raise ConfigError(
+            f"{source}: {key}.rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
+        )
+    partial = params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise ConfigError(f"{source}: partial_rotary_factor={partial} is not supported (only 1.0)")
+    unknown = set(params) - _ROPE_KEYS[rope_type]
+    if rope_type == "default":
+        unknown -= {"factor"}  # some checkpoints carry a meaningless factor 1.0 next to "default"
+    if unknown:
+        raise ConfigError(f"{source}: {key} keys {sorted(unknown)} have no meaning for rope_type {rope_type!r}")
+    missing = _REQUIRED_ROPE_KEYS.get(rope_type, set()) - set(params)
+    if missing:
+        raise ConfigError(f"{source}: {key} for rope_type {rope_type!r} is missing {sorted(missing)}")
+
+    max_pos = int(config.get("max_position_embeddings", 2048))
+    original = params.get("original_max_position_embeddings")
+    if rope_type in ("llama3", "yarn") and original is None:
+        original = max_pos  # transformers' default
+    factor = params.get("factor")
+    if rope_type == "yarn" and factor is None:
+        factor = max_pos / original  # DeepSeek-style configs give the two lengths instead of a factor
+    return RopeConfig(
+        type=rope_type,
+        theta=float(theta),
+        factor=float(factor) if rope_type != "default" and factor is not None else 1.0,
+        original_max_position_embeddings=None if original is None else int(original),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=params.get("attention_factor"),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+# config.json keys read above
+_HF_KEYS_READ = {
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "intermediate_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+    "attention_bias", "mlp_bias", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+    "bos_token_id", "eos_token_id",
+}
+# keys that change the math, with the only values the engine implements
+_MUST_EQUAL = {
+    "hidden_act": ("silu",),
+    "quantization_config": (None,),
+    "sliding_window": (None,),
+    "logits_scaling": (None, 1, 1.0),
+    "embedding_multiplier": (None, 1, 1.0),
+}
+# keys that do not change inference (training knobs, bookkeeping, or math-equivalent variants)
+_HF_KEYS_WITHOUT_EFFECT = {
+    "architectures", "torch_dtype", "dtype", "transformers_version", "initializer_range", "use_cache",
+    "pad_token_id", "pretraining_tp", "attention_dropout", "_name_or_path", "output_attentions",
+    "output_hidden_states", "return_dict", "is_encoder_decoder", "is_decoder", "tie_encoder_decoder",
+    "chunk_size_feed_forward", "id2label", "label2id", "problem_type", "tokenizer_class", "prefix",
+    "sep_token_id", "decoder_start_token_id", "task_specific_params", "max_length", "auto_map",
+    "_attn_implementation_autoset", "unk_token_id", "cross_attention_hidden_size", "add_cross_attention",
+    "finetuning_task", "use_return_dict", "torchscript", "pruned_heads", "tf_legacy_loss", "use_bfloat16",
+}

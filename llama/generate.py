@@ -1,0 +1,155 @@
+"""Autoregressive generation: prefill the prompts, then one token per step from a static KV cache.
+
+The sampling rules are small pure functions on logits [B, V], applied in the order transformers applies them
+(repetition penalty, temperature, top-k, top-p, min-p), so each can be tested alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llama.model import Transformer
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # the new tokens, without the prompt (and without the stop token)
+    text: str | None  # None when there is no tokenizer
+    finish_reason: str  # "stop" (an end-of-sequence token or stop string) or "length" (max_new_tokens reached)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+# ---------------------------------------------------------------------------- sampling rules
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's rule (as transformers): a token already in the sequence has its logit divided by `penalty` if
+    positive, multiplied if negative. seen: [B, V] bool."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of each row (and any tied with the k-th); the rest become -inf."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: Tensor, p: float) -> Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probabilities sum to at least p."""
+    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= 1 - p
+    drop_sorted[..., -1] = False  # the most likely token always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def apply_min_p(logits: Tensor, min_p: float) -> Tensor:
+    """Drop tokens less likely than min_p times the most likely token."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def sample(logits: Tensor, params: SamplingParams, seen: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    """logits [B, V] (float32) -> next tokens [B], without a host synchronisation."""
+    if params.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k is not None:
+        logits = apply_top_k(logits, params.top_k)
+    if params.top_p < 1.0:
+        logits = apply_top_p(logits, params.top_p)
+    if params.min_p > 0.0:
+        logits = apply_min_p(logits, params.min_p)
+    probs = logits.softmax(dim=-1)
+    # argmax(p_i / E_i) with E_i ~ Exp(1) draws index i with probability p_i (the "exponential race"); unlike
+    # torch.multinomial it needs no host synchronisation on a GPU.
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------- the loop
+@torch.inference_mode()
+def generate_ids(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    params: SamplingParams,
+    stop_ids: Sequence[int] = (),
+    seed: int | None = None,
+) -> list[tuple[list[int], str]]:
+    """Token ids in, (new token ids, finish reason) per prompt out.
+
+    Prompts of different lengths share one batch: they are right-padded for the prefill (a padded position
+    never influences earlier ones under causal attention) and each row then decodes from its own position, so
+    every row equals generating its prompt alone. The KV cache must already hold max(len) + max_new_tokens.
+    """
+    device = model.embed_tokens.weight.device
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # [B]
+    T = int(lengths.max())
+    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, tokens, True)
+        seen[torch.arange(B, device=device)[:, None], torch.zeros_like(tokens)] = False  # undo the padding
+        for row, prompt in enumerate(prompts):
+            seen[row, list(prompt)] = True
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+
+    logits = model(tokens, input_pos=torch.arange(T, device=device), logits_at=lengths - 1)  # [B, V]
+    position = lengths.clone()  # [B]: where each row's next token goes
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    n_generated = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per row (excludes the stop)
+    for step in range(max_new_tokens):
+        next_token = sample(logits.float(), params, seen, generator)  # [B]
+        hit_stop = torch.isin(next_token, stop) & ~finished
+        out[:, step] = next_token
+        n_generated += (~finished & ~hit_stop).long()
+        finished |= hit_stop
+        if seen is not None:
+            seen[torch.arange(B, device=device), next_token] = True
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        logits = model(next_token[:, None], input_pos=position[:, None])[:, -1]  # [B, V]
+        position += 1
+
+    results = []
+    for row in range(B):
+        n = int(n_generated[row])
+        reason = "stop" if bool(finished[row]) else "length"
+        results.append((out[row, :n].tolist(), reason))
+    return results

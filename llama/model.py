@@ -1,0 +1,336 @@
+"""The Llama 2 / Llama 3 network, top-down: tokens in, logits out.
+
+    tokens -> embed -> n_layers x Block -> RMSNorm -> lm_head -> logits
+    Block(x):  h   = x + Attention(RMSNorm(x))      grouped-query attention with rotary positions
+               out = h + SwiGLU(RMSNorm(h))
+
+Shape legend (used in every comment below):
+    B batch, T tokens in this call, S cache length (max_seq_len), C model width (dim), F SwiGLU width,
+    H query heads, K key/value heads, G = H / K queries per kv head, D head dim, V vocab.
+
+Nothing here loads files, samples tokens or parses arguments: see weights.py, generate.py, cli.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llama.config import ModelConfig
+
+
+# ---------------------------------------------------------------------------- RMSNorm
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight
+
+    No mean subtraction and no bias (unlike LayerNorm). The statistic is computed in float32 whatever the model
+    dtype, and the result is cast back before the weight is applied, as in Meta's and transformers' code.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- RoPE
+def rope_inv_freq(config: ModelConfig, seq_len: Tensor | None = None) -> tuple[Tensor, float]:
+    """The rotary inverse frequencies inv_freq[i], i = 0 .. D/2-1, in float32, and the cos/sin scale.
+
+    RoPE rotates each pair of query/key features by the angle m * inv_freq[i] at position m, so that
+    q_m . k_n depends on m - n only. The base `theta` (rope_theta) sets the slowest rotation:
+
+        inv_freq[i] = theta^(-2i / D)          wavelength_i = 2 pi / inv_freq[i]  (tokens per full turn)
+
+    Llama 2 uses theta = 10,000, Code Llama 1,000,000, Llama 3 500,000: a larger base gives longer wavelengths,
+    so distant positions stay distinguishable. Context-extension rules rescale inv_freq:
+
+      linear   inv_freq / factor                                      (position interpolation)
+      dynamic  theta' = theta * (factor * L / L0 - (factor - 1))^(D / (D-2)), with L = max(seq_len, L0),
+               L0 = max_position_embeddings: unchanged until the sequence outgrows the trained length (NTK)
+      llama3   (Llama 3.1/3.2) with L0 = original_max_position_embeddings,
+               low_wl = L0 / low_freq_factor, high_wl = L0 / high_freq_factor:
+                 wavelength < high_wl   keep inv_freq           (high frequencies: local order, kept exact)
+                 wavelength > low_wl    inv_freq / factor       (low frequencies: stretched to the long context)
+                 otherwise              (1 - s) * inv_freq / factor + s * inv_freq,  s = (L0/wavelength - low)/(high - low)
+      yarn     a ramp over dimensions between interpolation (inv_freq / factor) and extrapolation (inv_freq),
+               plus an attention factor that scales cos and sin (0.1 ln(factor) + 1 by default)
+    """
+    rope, D = config.rope, config.head_dim
+    theta = rope.theta
+    exponent = torch.arange(0, D, 2, dtype=torch.int64).float() / D  # 2i / D
+    if rope.type == "dynamic":
+        L0 = config.max_position_embeddings
+        L = torch.clamp(seq_len.float(), min=L0) if seq_len is not None else torch.tensor(float(L0))
+        theta = theta * ((rope.factor * L / L0) - (rope.factor - 1)) ** (D / (D - 2))
+        exponent = exponent.to(L.device)
+    inv_freq = 1.0 / (theta**exponent)
+
+    if rope.type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.type == "llama3":
+        L0, low, high = rope.original_max_position_embeddings, rope.low_freq_factor, rope.high_freq_factor
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (L0 / wavelength - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq
+        inv_freq = torch.where(
+            wavelength < L0 / high, inv_freq, torch.where(wavelength > L0 / low, inv_freq / rope.factor, blended)
+        )
+    elif rope.type == "yarn":
+        return _yarn_inv_freq(config)
+    return inv_freq, 1.0
+
+
+def _yarn_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
+    """YaRN (Peng et al. 2023): dimensions that turn more than beta_fast times over the original context keep
+    their frequency, those that turn fewer than beta_slow times are interpolated, with a linear ramp between."""
+    rope, D = config.rope, config.head_dim
+    L0, factor = rope.original_max_position_embeddings, rope.factor
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = mscale(factor)
+
+    def dim_for_rotations(n_rotations: float) -> float:  # the dimension that turns n times over L0 tokens
+        return D * math.log(L0 / (n_rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = dim_for_rotations(rope.beta_fast), dim_for_rotations(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(D // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, D, 2).float() / D))
+    extrapolate = 1 - ramp  # 1: keep inv_freq, 0: divide by factor
+    return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns positions into the cos/sin tables that `apply_rope` needs. Angles are computed in float32 from the
+    positions of this call only (B*T*D/2 products), so there is no table to rebuild as the sequence grows."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)  # [D/2]
+        self.attention_scaling = 1.0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Computed, not loaded: call again after the module has been materialised from the meta device."""
+        inv_freq, self.attention_scaling = rope_inv_freq(self.config)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+
+    def forward(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        inv_freq = self.inv_freq
+        if self.config.rope.type == "dynamic":  # the base depends on how long the sequence has grown
+            inv_freq, _ = rope_inv_freq(self.config, seq_len=input_pos.max() + 1)
+        angles = input_pos[..., None].float() * inv_freq.to(input_pos.device)  # [B, T, D/2]: m * inv_freq[i]
+        # Hugging Face layout ("rotate half"): feature j pairs with feature j + D/2, both turn by angle j.
+        angles = torch.cat((angles, angles), dim=-1)  # [B, T, D]
+        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x_j, x_{j+D/2}) by its angle a:  (x1, x2) -> (x1 cos a - x2 sin a, x2 cos a + x1 sin a).
+
+    x: [B, H or K, T, D]; cos, sin: [B, T, D]. Both outputs are computed from the unrotated x (rotating half the
+    pairs in place first and then reading them back is a classic bug that breaks the norm-preserving rotation).
+    Meta's original checkpoints pair features (2j, 2j+1) instead; weights.py permutes their q/k rows at load.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-x2, x1), dim=-1)
+    return x * cos.unsqueeze(1) + rotated_half * sin.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------- KV cache
+class KVCache(nn.Module):
+    """A static, pre-allocated cache of keys and values: [B_max, K, S, D] each, allocated once by
+    `Transformer.setup_cache`. `update` writes the new keys/values at `input_pos` (per row) and returns the
+    whole cache for the rows in use; nothing grows or is concatenated while generating."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, **factory):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, **factory), persistent=False)  # [B_max, K, S, D]
+        self.register_buffer("v", torch.zeros(shape, **factory), persistent=False)  # [B_max, K, S, D]
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        B, K, T, D = k.shape
+        assert input_pos.shape == (B, T), f"input_pos {tuple(input_pos.shape)} != (B, T) = {(B, T)}"
+        assert B <= self.k.shape[0] and (K, D) == (self.k.shape[1], self.k.shape[3]), "cache shape mismatch"
+        rows = torch.arange(B, device=k.device)[:, None]  # [B, 1]
+        self.k[rows, :, input_pos] = k.transpose(1, 2)  # the indexed view is [B, T, K, D]
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k[:B], self.v[:B]
+
+
+# ---------------------------------------------------------------------------- Attention
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """PyTorch's fused kernel. Grouped-query attention without copying K/V to every query head
+    (`enable_gqa`); `mask=None` means plain causal attention, with no mask tensor built."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """The same computation written out, to check the fused kernel against:
+
+        out = softmax(q k^T / sqrt(D) + mask) v,   each query head h reading kv head h // G.
+
+    q: [B, H, T, D]; k, v: [B, K, S, D]; mask: [B, 1, T, S] bool (True = may attend) or None (causal)."""
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    q = q.view(B, K, H // K, T, D)  # the G query heads that share a kv head sit together
+    scores = q @ k.unsqueeze(2).transpose(-1, -2) / math.sqrt(D)  # [B, K, G, T, S]
+    if mask is None:  # causal: query t sees keys 0..t (queries are the last T of S keys)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    else:
+        mask = mask.unsqueeze(2)  # [B, 1, 1, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return (probs @ v.unsqueeze(2)).view(B, H, T, D)  # [B, K, G, T, D] -> [B, H, T, D]
+
+
+ATTENTION = {"sdpa": sdpa_attention, "reference": reference_attention}
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with rotary positions. H query heads share K kv heads (G = H / K each)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, H, K, D, bias = config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.attention_bias
+        self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
+        self.q_proj = nn.Linear(C, H * D, bias=bias)
+        self.k_proj = nn.Linear(C, K * D, bias=bias)
+        self.v_proj = nn.Linear(C, K * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, C, bias=bias)
+        self.cache: KVCache | None = None
+        self.implementation = "sdpa"
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        attend = ATTENTION[self.implementation]
+        if self.cache is None or T > 1:
+            # No cache, or a prefill: the prompt starts at position 0 and its tokens see each other causally.
+            if self.cache is not None:
+                self.cache.update(input_pos, k, v)
+            out = attend(q, k, v, None)  # [B, H, T, D]
+        else:
+            # A decode step: the new token of row b (at input_pos[b]) sees cache slots 0..input_pos[b].
+            k_all, v_all = self.cache.update(input_pos, k, v)  # [B, K, S, D]
+            slots = torch.arange(k_all.shape[2], device=x.device)
+            mask = (slots <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, T, S]
+            out = attend(q, k_all, v_all, mask)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+# ---------------------------------------------------------------------------- SwiGLU MLP
+class SwiGLU(nn.Module):
+    """out = down( silu(gate(x)) * up(x) ),  silu(z) = z * sigmoid(z).  C -> F -> C."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, F_, bias = config.dim, config.ffn_dim, config.mlp_bias
+        self.gate_proj = nn.Linear(C, F_, bias=bias)
+        self.up_proj = nn.Linear(C, F_, bias=bias)
+        self.down_proj = nn.Linear(F_, C, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------- Block and model
+class Block(nn.Module):
+    """A pre-norm residual block: the residual stream x is only ever added to."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.rope = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:  # Llama 3.2 1B/3B: one [V, C] matrix embeds and un-embeds
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, logits_at: Tensor | None = None) -> Tensor:
+        """tokens: [B, T] -> logits [B, T, V] (or [B, V] with `logits_at`).
+
+        input_pos: None for one full causal forward without a cache. With a cache (`setup_cache`), the positions
+          of the tokens, [T] or [B, T]: a call with T > 1 is a prefill of prompts that start at position 0
+          (rows may be right-padded; padding never influences earlier tokens), a call with T == 1 a decode step
+          in which each row may sit at its own position.
+        logits_at: [B] index into T per row: compute the output projection only there (a prefill needs the
+          logits of each prompt's last token, not a [B, T, V] tensor).
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            assert all(layer.attention.cache is None for layer in self.layers), "a cache is set up: pass input_pos"
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        else:
+            positions = input_pos = input_pos.expand(B, T)  # [B, T]
+        x = self.embed_tokens(tokens)  # [B, T, C]
+        cos, sin = self.rope(positions, x.dtype)  # [B, T, D] each
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at]  # [B, C]
+        return self.lm_head(self.norm(x))  # [B, T, V] or [B, V]
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate the KV cache once, for at most `max_batch_size` rows of `max_seq_len` positions."""
+        weight = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(
+                max_batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim,
+                dtype=weight.dtype, device=weight.device,
+            )
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def set_attention(self, implementation: str) -> None:
+        """"sdpa" (fused kernel, default) or "reference" (the same math in plain PyTorch)."""
+        if implementation not in ATTENTION:
+            raise ValueError(f"attention implementation {implementation!r}: choose from {sorted(ATTENTION)}")
+        for layer in self.layers:
+            layer.attention.implementation = implementation

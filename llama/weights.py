@@ -1,0 +1,245 @@
+"""Checkpoints in, a ready `Transformer` out: Hugging Face safetensors (one file or shards) and Meta's original
+`consolidated.NN.pth` files.
+
+The model is built on the meta device (no memory), given its final dtype, then materialised empty on the target
+device; each tensor is then read from disk, converted and copied into place one at a time, so loading never holds
+a second full copy of the weights (nor a float32 copy of a bf16 model) in host memory.
+
+A broken checkpoint is a `CheckpointError` that names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from llama.config import ModelConfig
+from llama.model import Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is. The message names the file and, where known, the tensor."""
+
+
+def find_checkpoint(folder: str | Path) -> tuple[str, Path]:
+    """("hf", folder) for config.json + *.safetensors, ("meta", folder) for params.json + consolidated.*.pth.
+    The hub's meta-llama repos hold both: safetensors at the root, Meta's files in `original/`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    if (folder / "config.json").exists() and list(folder.glob("*.safetensors")) + list(
+        folder.glob("model.safetensors.index.json")
+    ):
+        return "hf", folder
+    for candidate in (folder, folder / "original"):
+        if (candidate / "params.json").exists() and list(candidate.glob("consolidated.*.pth")):
+            return "meta", candidate
+    raise CheckpointError(
+        f"{folder}: holds no checkpoint: expected config.json with model.safetensors (or shards listed in "
+        f"model.safetensors.index.json), or Meta's params.json with consolidated.00.pth"
+    )
+
+
+def load_model(
+    folder: str | Path, device: torch.device, dtype: torch.dtype, progress: bool = True
+) -> tuple[ModelConfig, Transformer]:
+    kind, folder = find_checkpoint(folder)
+    if kind == "hf":
+        config = ModelConfig.from_file(folder / "config.json")
+        tensors = _hf_tensors(folder, config)
+    else:
+        shards = _meta_shards(folder)
+        config = _meta_config(folder, shards)
+        tensors = _meta_tensors(shards, config)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to(dtype).to_empty(device=device)  # allocated once, in the final dtype, uninitialised
+    model.tie_weights()
+    model.rope.reset_parameters()  # inv_freq is computed in float32, not loaded
+    _copy_into(model, tensors, progress)
+    return config, model.eval()
+
+
+def _copy_into(model: Transformer, tensors: Iterator[tuple[str, str, Tensor]], progress: bool) -> None:
+    """Copy (name, origin, tensor) triples into the model's parameters; every parameter exactly once."""
+    params = dict(model.named_parameters())  # tied weights appear once, under their first name
+    loaded: set[str] = set()
+    bar = tqdm(total=len(params), desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    for name, origin, tensor in tensors:
+        if name not in params:
+            raise CheckpointError(f"{origin}: unexpected tensor {name!r}: the model has no such parameter")
+        param = params[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(tensor)  # converts dtype and moves to the device in one step
+        loaded.add(name)
+        bar.update()
+    bar.close()
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"checkpoint is missing tensor(s) {', '.join(missing[:5])}" + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+
+# ---------------------------------------------------------------------------- Hugging Face safetensors
+_HF_RENAMES = [
+    (r"^model\.embed_tokens\.", "embed_tokens."),
+    (r"^model\.norm\.", "norm."),
+    (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.attention."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attention_norm."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.mlp_norm."),
+    (r"^model\.layers\.(\d+)\.mlp\.", r"layers.\1.mlp."),
+    (r"^lm_head\.", "lm_head."),
+]
+
+
+def hf_to_engine_name(name: str) -> str | None:
+    """Hugging Face tensor name -> this engine's parameter name (None: a buffer older checkpoints saved)."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    for pattern, replacement in _HF_RENAMES:
+        renamed, n = re.subn(pattern, replacement, name)
+        if n:
+            return renamed
+    return name  # reported as unexpected by _copy_into
+
+
+def hf_shard_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards listed in model.safetensors.index.json, or the one
+    model.safetensors. A shard named by the index but absent is an error naming it."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from e
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not (folder / f).exists()]
+        if absent:
+            raise CheckpointError(f"{index_path}: shard {absent[0]} is listed in the index but missing from {folder}"
+                                  + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
+        return [folder / f for f in files]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _hf_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, str, Tensor]]:
+    files = hf_shard_files(folder)
+    bar = tqdm(files, desc="safetensors shards", unit="file", disable=len(files) == 1, leave=False)
+    for path in bar:
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    engine_name = hf_to_engine_name(name)
+                    if engine_name is None or (engine_name == "lm_head.weight" and config.tie_word_embeddings):
+                        continue  # tied checkpoints sometimes store the (identical) output matrix as well
+                    yield engine_name, f"{path} ({name})", f.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from e
+
+
+# ---------------------------------------------------------------------------- Meta consolidated.NN.pth
+# Meta's reference splits each Linear across model-parallel ranks (fairscale):
+#   column-parallel (output features split, concatenate on dim 0): wq, wk, wv, w1, w3, output
+#   row-parallel    (input features split, concatenate on dim 1):  wo, w2
+#   token embeddings: Llama 2's ParallelEmbedding splits the width (dim 1), Llama 3's VocabParallelEmbedding
+#   the vocabulary (dim 0); a shard whose width is the full model width was split on dim 0.
+#   norms are replicated.
+_META_NAMES = {
+    "tok_embeddings.weight": "embed_tokens.weight",
+    "norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "attention.wq.weight": "attention.q_proj.weight",
+    "attention.wk.weight": "attention.k_proj.weight",
+    "attention.wv.weight": "attention.v_proj.weight",
+    "attention.wo.weight": "attention.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "mlp_norm.weight",
+}
+_COLUMN_PARALLEL = ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight")
+_ROW_PARALLEL = ("wo.weight", "w2.weight")
+
+
+def _meta_shards(folder: Path) -> list[tuple[Path, dict[str, Tensor]]]:
+    paths = sorted(folder.glob("consolidated.*.pth"))
+    for rank in range(len(paths)):  # shards are numbered 00, 01, ... without gaps
+        expected = folder / f"consolidated.{rank:02d}.pth"
+        if expected not in paths:
+            raise CheckpointError(f"{folder}: model-parallel shard {expected.name} is missing "
+                                  f"(found {', '.join(p.name for p in paths)})")
+    shards = []
+    for path in paths:
+        try:  # mmap: tensors are read from disk when touched, one at a time
+            shards.append((path, torch.load(path, map_location="cpu", mmap=True, weights_only=True)))
+        except Exception as e:
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
+    return shards
+
+
+def _meta_config(folder: Path, shards: list[tuple[Path, dict[str, Tensor]]]) -> ModelConfig:
+    path, first = shards[0]
+    if "tok_embeddings.weight" not in first:
+        raise CheckpointError(f"{path}: tensor 'tok_embeddings.weight' is missing")
+    params = json.loads((folder / "params.json").read_text())
+    rows, width = first["tok_embeddings.weight"].shape
+    vocab_size = rows * len(shards) if width == params.get("dim") else rows
+    config = ModelConfig.from_meta_params(params, str(folder / "params.json"), vocab_size=vocab_size)
+    if "output.weight" not in first:  # Llama 3.2's Meta checkpoints may leave the output matrix tied
+        config = config.with_overrides(tie_word_embeddings=True)
+    return config
+
+
+def permute_meta_rotary(w: Tensor, n_heads: int) -> Tensor:
+    """Reorder the rows of a Meta q or k projection ([n_heads * D, C]) from Meta's rotation layout, in which
+    features (2j, 2j+1) of a head form a rotating pair, to the Hugging Face layout used by `apply_rope`, in which
+    features (j, j + D/2) do: new row j = old row 2j, new row D/2 + j = old row 2j + 1, within every head.
+    For k, n_heads is the number of kv heads (using the query head count breaks GQA models)."""
+    rows, C = w.shape
+    D = rows // n_heads
+    return w.view(n_heads, D // 2, 2, C).transpose(1, 2).reshape(rows, C)
+
+
+def _meta_tensors(shards: list[tuple[Path, dict[str, Tensor]]], config: ModelConfig) -> Iterator[
+        tuple[str, str, Tensor]]:
+    folder = shards[0][0].parent
+    for name in shards[0][1]:
+        if name == "rope.freqs":  # Llama 2 saved its rotary table; ours is computed
+            continue
+        layer = re.match(r"^layers\.(\d+)\.(.+)$", name)
+        key = layer.group(2) if layer else name
+        if key not in _META_NAMES:
+            raise CheckpointError(f"{shards[0][0]}: unexpected tensor {name!r}: the model has no such parameter")
+        engine_name = (f"layers.{layer.group(1)}." if layer else "") + _META_NAMES[key]
+        pieces = []
+        for path, state in shards:
+            if name not in state:
+                raise CheckpointError(f"{path}: tensor {name!r} is missing from this shard")
+            pieces.append(state[name])
+        if len(pieces) == 1 or name.endswith("norm.weight"):
+            tensor = pieces[0]
+        elif name.endswith(_COLUMN_PARALLEL):
+            tensor = torch.cat(pieces, dim=0)
+        elif name.endswith(_ROW_PARALLEL):
+            tensor = torch.cat(pieces, dim=1)
+        else:  # token embeddings: see the comment above _META_NAMES
+            tensor = torch.cat(pieces, dim=0 if pieces[0].shape[1] == config.dim else 1)
+        heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}.get(key)
+        if heads and tensor.shape[0] == heads * config.head_dim:  # a wrong shape is reported by _copy_into
+            tensor = permute_meta_rotary(tensor, heads)
+        yield engine_name, f"{folder}/consolidated.*.pth ({name})", tensor
