@@ -60,7 +60,8 @@ def rope_inv_freq(config: ModelConfig, seq_len: Tensor | None = None) -> tuple[T
                low_wl = L0 / low_freq_factor, high_wl = L0 / high_freq_factor:
                  wavelength < high_wl   keep inv_freq           (high frequencies: local order, kept exact)
                  wavelength > low_wl    inv_freq / factor       (low frequencies: stretched to the long context)
-                 otherwise              (1 - s) * inv_freq / factor + s * inv_freq,  s = (L0/wavelength - low)/(high - low)
+                 otherwise              (1 - s) * inv_freq / factor + s * inv_freq,
+                                        s = (L0 / wavelength - low) / (high - low)
       yarn     a ramp over dimensions between interpolation (inv_freq / factor) and extrapolation (inv_freq),
                plus an attention factor that scales cos and sin (0.1 ln(factor) + 1 by default)
     """
