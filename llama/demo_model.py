@@ -170,9 +170,6 @@ class GgufMetadata:
     def __init__(self, reader: Any) -> None:
         self.fields = reader.fields
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.fields
-
     def get(self, key: str, default: Any = _REQUIRED) -> Any:
         field = self.fields.get(key)
         if field is None:
