@@ -1,17 +1,39 @@
-"""The Python API: `Llama.from_pretrained(folder)` -> logits and generation."""
+"""The Python API: `Llama.from_pretrained(folder)`, then `logits`, `generate` and `stream`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from llama.config import ModelConfig
-from llama.generate import GenerationResult, SamplingParams, generate_ids
+from llama.generate import GenerationResult, SamplingParams, generate_tokens
 from llama.model import Transformer
+from llama.tokenizer import Tokenizer, load_tokenizer
 from llama.weights import find_checkpoint, load_model
+
+Prompt = str | Sequence[int]
+SYNC_EVERY = 8  # without streaming or stop strings, look at the generated tokens every 8 steps (one host sync)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    new_tokens: int = 0
+    decode_seconds: float = 0.0
+
+    def summary(self) -> str:
+        prefill = self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+        decode = max(self.new_tokens - 1, 0) / max(self.decode_seconds, 1e-9)
+        return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s ({prefill:.1f} tok/s); "
+                f"decode: {self.new_tokens} tokens in {self.decode_seconds:.2f} s ({decode:.1f} tok/s)")
 
 
 def default_device_and_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[
@@ -30,14 +52,19 @@ def default_device_and_dtype(device: str | torch.device | None, dtype: str | tor
 class Llama:
     """A loaded model, its config, and its tokenizer (None when the folder has no tokenizer files)."""
 
-    def __init__(self, model: Transformer, tokenizer=None, max_seq_len: int | None = None,
-                 max_batch_size: int | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
+                 max_batch_size: int | None = None, eos_token_ids: Sequence[int] = ()):
         self.model = model
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
-        self.max_seq_len = min(max_seq_len or self.config.max_position_embeddings,
-                               self.config.max_position_embeddings)
         self.max_batch_size = max_batch_size
+        limit = self.config.max_position_embeddings
+        if max_seq_len is not None and max_seq_len > limit:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={limit}")
+        self.max_seq_len = max_seq_len or min(limit, self._positions_that_fit())
+        self.eos_token_ids = sorted(set(eos_token_ids) | set(self.config.eos_token_ids)
+                                    | set(tokenizer.eos_ids if tokenizer else ()))
+        self.stats = GenerationStats()  # of the last generate / stream call
         self._cache_shape: tuple[int, int] | None = None  # (batch, length) of the allocated KV cache
 
     @classmethod
@@ -53,13 +80,16 @@ class Llama:
         """Load a checkpoint folder: Hugging Face layout (config.json + safetensors) or Meta's (params.json +
         consolidated.NN.pth, at the root or in `original/`)."""
         device, dtype = default_device_and_dtype(device, dtype)
-        _, model = load_model(source, device, dtype, progress=progress)
-        return cls(model, _load_tokenizer(source), max_seq_len, max_batch_size)
+        kind, folder = find_checkpoint(source)
+        _, model = load_model(folder, device, dtype, progress=progress)
+        tokenizer = load_tokenizer(source) or load_tokenizer(folder)
+        return cls(model, tokenizer, max_seq_len, max_batch_size, _generation_config_eos(Path(source)))
 
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
+    # ------------------------------------------------------------------------ logits
     @torch.inference_mode()
     def logits(self, tokens: Tensor | Sequence[Sequence[int]]) -> Tensor:
         """tokens [B, T] -> float32 logits [B, T, V]: one full causal forward, no cache."""
@@ -69,37 +99,103 @@ class Llama:
         self._release_cache()
         return self.model(tokens).float()
 
+    # ------------------------------------------------------------------------ generation
     def generate(
         self,
-        prompts: Sequence[Sequence[int]],
+        prompts: Prompt | Sequence[Prompt],
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
         seed: int | None = None,
+        stop: Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
     ) -> list[GenerationResult]:
-        """Generate a continuation of each prompt (token-id lists), batched. Greedy at temperature 0."""
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        """Continue each prompt (a string or a list of token ids), in one batch; one result per prompt.
+
+        Greedy at temperature 0; otherwise the sampling options mean what transformers means by them. Generation
+        of a row stops at any end-of-sequence id of the checkpoint, at `stop_token_ids`, or when its text contains
+        one of the `stop` strings (the text is cut before it); `.token_ids` never include the stop token.
+        """
+        batch = _as_batch(prompts)
+        rows = self._run(batch, max_new_tokens, SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty),
+                         seed, stop, stop_token_ids, streaming=False)
+        for _ in rows:
+            pass
+        return [row.result() for row in self._rows]
+
+    def stream(self, prompt: Prompt, **options) -> Iterator[str]:
+        """Like `generate` for one prompt, yielding the text as it is decoded (never half a character)."""
+        if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):
+            raise ValueError("stream takes one prompt (a string or a list of token ids)")
+        if self.tokenizer is None:
+            raise ValueError("stream needs a tokenizer, and this checkpoint folder has none")
+        options.setdefault("max_new_tokens", 256)
+        max_new_tokens = options.pop("max_new_tokens")
+        seed, stop, stop_ids = options.pop("seed", None), options.pop("stop", None), options.pop("stop_token_ids", None)
+        params = SamplingParams(**options)
+        for pieces in self._run([prompt], max_new_tokens, params, seed, stop, stop_ids, streaming=True):
+            if pieces[0]:
+                yield pieces[0]
+
+    def _run(self, prompts: list[Prompt], max_new_tokens: int, params: SamplingParams, seed: int | None,
+             stop: Sequence[str] | None, stop_token_ids: Sequence[int] | None, streaming: bool) -> Iterator[list[str]]:
+        """The shared loop: validate, batch, decode; yields the new text of every row at each look."""
         params.validate()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        prompts = [list(p) for p in prompts]
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty")
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this checkpoint folder has none")
+        ids = [self._encode(p, i) for i, p in enumerate(prompts)]
+        for i, prompt in enumerate(ids):
             if len(prompt) + max_new_tokens > self.max_seq_len:
                 raise ValueError(
                     f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it needs "
                     f"{len(prompt) + max_new_tokens} positions, more than max_seq_len={self.max_seq_len}"
                 )
-        stop = list(stop_token_ids or []) + list(self.config.eos_token_ids)
-        self._ensure_cache(len(prompts), max(map(len, prompts)) + max_new_tokens)
-        results = generate_ids(self.model, prompts, max_new_tokens, params, stop, seed)
-        return [
-            GenerationResult(ids, self.tokenizer.decode(ids) if self.tokenizer else None, reason)
-            for ids, reason in results
-        ]
+        self._ensure_cache(len(ids), max(map(len, ids)) + max_new_tokens)
+        stop_ids = set(stop_token_ids or ()) | set(self.eos_token_ids)
+        self._rows = [_Row(self.tokenizer, stop_ids, list(stop or ())) for _ in ids]
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+
+        self.stats = GenerationStats(prompt_tokens=sum(map(len, ids)))
+        start = time.perf_counter()
+        pending: list[Tensor] = []
+        steps = generate_tokens(self.model, ids, max_new_tokens, params, generator)
+        for step, token in enumerate(steps):
+            pending.append(token)
+            last = step == max_new_tokens - 1
+            if not (streaming or stop or step == 0 or last or len(pending) == SYNC_EVERY):
+                continue
+            block = torch.stack(pending, dim=1).tolist()  # [B, steps]: the only host synchronisation
+            pending = []
+            if step == 0:
+                self.stats.prefill_seconds = time.perf_counter() - start
+            pieces = [row.push(tokens, final=last) for row, tokens in zip(self._rows, block)]
+            yield pieces
+            if all(row.finish_reason for row in self._rows):
+                break
+        steps.close()
+        self.stats.new_tokens = sum(len(row.token_ids) for row in self._rows)
+        self.stats.decode_seconds = time.perf_counter() - start - self.stats.prefill_seconds
+
+    def _encode(self, prompt: Prompt, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {index} is text, but this checkpoint folder has no tokenizer: "
+                                 f"pass token ids")
+            ids = self.tokenizer.encode(prompt, bos=self.tokenizer.adds_bos)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        if max(ids) >= self.config.vocab_size or min(ids) < 0:
+            raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
 
     def _ensure_cache(self, batch: int, length: int) -> None:
         """Allocate the static KV cache, growing it only when a call needs more rows or positions."""
@@ -107,19 +203,93 @@ class Llama:
             return
         batch = max(batch, self.max_batch_size or 0, self._cache_shape[0] if self._cache_shape else 0)
         length = min(self.max_seq_len, max(length, self._cache_shape[1] if self._cache_shape else 0))
-        self.model.setup_cache(batch, length)
+        self._release_cache()
+        try:
+            self.model.setup_cache(batch, length)
+        except torch.OutOfMemoryError as e:
+            raise MemoryError(
+                f"out of {self.device.type} memory allocating the KV cache for {batch} rows x {length} positions "
+                f"({self._cache_bytes(batch, length) / 2**30:.1f} GiB): use fewer prompts, shorter prompts or "
+                f"max_new_tokens, or a smaller max_seq_len"
+            ) from e
         self._cache_shape = (batch, length)
 
     def _release_cache(self) -> None:
         self.model.clear_cache()
         self._cache_shape = None
 
+    def _cache_bytes(self, batch: int, length: int) -> int:
+        c = self.config
+        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.model.embed_tokens.weight.element_size() \
+            * batch * length
 
-def _load_tokenizer(source: str | Path):
-    """The tokenizer for a checkpoint folder, or None when it has none."""
-    try:
-        from llama.tokenizer import load_tokenizer
-    except ImportError:  # the tokenizer module is optional for the core engine
-        return None
-    _, folder = find_checkpoint(source)
-    return load_tokenizer(Path(source)) or load_tokenizer(folder)
+    def _positions_that_fit(self) -> int:
+        """How many cache positions (for max_batch_size rows) fit in half of the free memory now."""
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return max(256, free // 2 // self._cache_bytes(self.max_batch_size or 1, 1))
+
+
+class _Row:
+    """One row's output: token ids, text, and why it stopped. Text is held back while it could still turn
+    out to be the beginning of a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop_ids: set[int], stop: list[str]):
+        self.tokenizer, self.stop_ids, self.stop = tokenizer, stop_ids, stop
+        self.decoder = tokenizer.stream_decoder() if tokenizer else None
+        self.token_ids: list[int] = []
+        self.text = ""  # decoded so far (cut at a stop string)
+        self.emitted = 0  # characters of text already yielded
+        self.finish_reason: str | None = None
+
+    def push(self, tokens: list[int], final: bool) -> str:
+        for token in tokens:
+            if self.finish_reason:
+                break
+            if token in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            self.token_ids.append(token)
+            if self.decoder is not None:
+                self.text += self.decoder.push(token)
+                self._check_stop_strings()
+        if not self.finish_reason and final:
+            self.finish_reason = "length"
+        if self.finish_reason and self.decoder is not None and not any(s in self.text for s in self.stop):
+            if self.finish_reason == "length" or not self._cut_by_stop:
+                self.text += self.decoder.flush()
+                self._check_stop_strings()
+        hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.stop), default=0)
+        piece = self.text[self.emitted: max(self.emitted, len(self.text) - hold)]
+        self.emitted += len(piece)
+        return piece
+
+    _cut_by_stop = False
+
+    def _check_stop_strings(self) -> None:
+        for s in self.stop:
+            index = self.text.find(s)
+            if index >= 0:
+                self.text, self.finish_reason, self._cut_by_stop = self.text[:index], "stop", True
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.token_ids, self.text if self.tokenizer else None, self.finish_reason or "length")
+
+
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    if not prompts:
+        raise ValueError("prompts is empty")
+    return list(prompts)
+
+
+def _generation_config_eos(folder: Path) -> list[int]:
+    """generation_config.json's eos_token_id (Llama 3 Instruct lists 128001, 128008, 128009)."""
+    path = folder / "generation_config.json"
+    if not path.exists():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]

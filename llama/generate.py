@@ -6,7 +6,7 @@ The sampling rules are small pure functions on logits [B, V], applied in the ord
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,60 +96,42 @@ def sample(logits: Tensor, params: SamplingParams, seen: Tensor | None, generato
 
 # ---------------------------------------------------------------------------- the loop
 @torch.inference_mode()
-def generate_ids(
+def generate_tokens(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     params: SamplingParams,
-    stop_ids: Sequence[int] = (),
-    seed: int | None = None,
-) -> list[tuple[list[int], str]]:
-    """Token ids in, (new token ids, finish reason) per prompt out.
+    generator: torch.Generator | None = None,
+) -> Iterator[Tensor]:
+    """Yield the next token of every row, [B] on the model's device, once per step; stop iterating to stop.
 
-    Prompts of different lengths share one batch: they are right-padded for the prefill (a padded position
-    never influences earlier ones under causal attention) and each row then decodes from its own position, so
-    every row equals generating its prompt alone. The KV cache must already hold max(len) + max_new_tokens.
+    Prompts of different lengths share one batch: they are right-padded for the prefill (a padded position never
+    influences earlier ones under causal attention) and each row then decodes from its own position, so every
+    row equals generating its prompt alone. The KV cache must already hold max(len) + max_new_tokens positions.
+    Nothing here waits for the GPU: whether to stop is the caller's decision.
     """
     device = model.embed_tokens.weight.device
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-    T = int(lengths.max())
-    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+    tokens = torch.zeros(B, max(len(p) for p in prompts), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = tokens.to(device)  # [B, T]
     seen = None
-    if params.repetition_penalty != 1.0:
+    if params.repetition_penalty != 1.0:  # which tokens each row has seen, prompt included (as transformers)
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, tokens, True)
-        seen[torch.arange(B, device=device)[:, None], torch.zeros_like(tokens)] = False  # undo the padding
         for row, prompt in enumerate(prompts):
-            seen[row, list(prompt)] = True
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+            seen[row, torch.tensor(prompt, device=device)] = True
 
-    logits = model(tokens, input_pos=torch.arange(T, device=device), logits_at=lengths - 1)  # [B, V]
+    logits = model(tokens, input_pos=torch.arange(tokens.shape[1], device=device), logits_at=lengths - 1)  # [B, V]
     position = lengths.clone()  # [B]: where each row's next token goes
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    n_generated = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per row (excludes the stop)
+    rows = torch.arange(B, device=device)
     for step in range(max_new_tokens):
         next_token = sample(logits.float(), params, seen, generator)  # [B]
-        hit_stop = torch.isin(next_token, stop) & ~finished
-        out[:, step] = next_token
-        n_generated += (~finished & ~hit_stop).long()
-        finished |= hit_stop
         if seen is not None:
-            seen[torch.arange(B, device=device), next_token] = True
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
+            seen[rows, next_token] = True
+        yield next_token
+        if step == max_new_tokens - 1:
+            return
         logits = model(next_token[:, None], input_pos=position[:, None])[:, -1]  # [B, V]
         position += 1
-
-    results = []
-    for row in range(B):
-        n = int(n_generated[row])
-        reason = "stop" if bool(finished[row]) else "length"
-        results.append((out[row, :n].tolist(), reason))
-    return results

