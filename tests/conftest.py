@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 
@@ -56,3 +57,27 @@ def reference_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tens
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     """max |ours - theirs| / max |theirs|: one number that is small only if every logit agrees."""
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+# ---------------------------------------------------------------------------- the real SmolLM2 weights
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    from llama.demo_model import find_smollm2_gguf
+
+    return find_smollm2_gguf()  # installed by `make install`; a missing package fails the tests loudly
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model converted once per test session into a fresh folder."""
+    from llama.demo_model import ensure_demo_model
+
+    return ensure_demo_model(tmp_path_factory.mktemp("cache") / "smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(gguf_path: Path) -> torch.nn.Module:
+    """transformers' own reading of the GGUF file: the independent reference for the real-weight tests."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                              dtype=torch.float32)
+    return model.eval()

@@ -42,24 +42,13 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    try:
-        return find_smollm2_gguf()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
+def demo_dir(smollm2_dir: Path) -> Path:
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")
-def demo_dir(gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_demo_model(tmp_path_factory.mktemp("cache") / "smollm2", progress=False)
-
-
-@pytest.fixture(scope="module")
-def reference_model(gguf_path: Path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    return model.eval()
+def reference_model(smollm2_reference):
+    return smollm2_reference
 
 
 @pytest.fixture(scope="module")
