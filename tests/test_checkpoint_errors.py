@@ -103,3 +103,12 @@ def test_corrupt_meta_shard_names_the_file(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4}))
     with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: corrupt"):
         load(tmp_path)
+
+
+def test_old_rotary_inv_freq_buffers_are_ignored(copy, checkpoint):
+    """transformers < 4.31 saved each layer's rotary table; it is recomputed, not loaded."""
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, copy / "model.safetensors")
+    tokens = torch.randint(0, 320, (1, 12))
+    torch.testing.assert_close(load(copy).logits(tokens), load(checkpoint).logits(tokens), rtol=0, atol=0)
