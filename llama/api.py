@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from llama.config import ModelConfig
-from llama.generate import GenerationResult, SamplingParams, generate_tokens
+from llama.generate import GenerationResult, SamplingParams, decode_step, generate_tokens
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, load_tokenizer
 from llama.weights import find_checkpoint, load_model
@@ -53,8 +53,12 @@ class Llama:
     """A loaded model, its config, and its tokenizer (None when the folder has no tokenizer files)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
-                 max_batch_size: int | None = None, eos_token_ids: Sequence[int] = ()):
+                 max_batch_size: int | None = None, eos_token_ids: Sequence[int] = (), compile: bool = False):
         self.model = model
+        # compile=True: the decode step becomes one CUDA graph (torch.compile "reduce-overhead"), which removes
+        # the per-kernel launch cost that dominates small-batch decoding. It compiles once per batch size.
+        self._decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True) if compile \
+            else decode_step
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -76,6 +80,7 @@ class Llama:
         max_seq_len: int | None = None,
         max_batch_size: int | None = None,
         progress: bool = True,
+        compile: bool = False,
     ) -> Llama:
         """Load a checkpoint folder: Hugging Face layout (config.json + safetensors) or Meta's (params.json +
         consolidated.NN.pth, at the root or in `original/`)."""
@@ -83,7 +88,7 @@ class Llama:
         kind, folder = find_checkpoint(source)
         _, model = load_model(folder, device, dtype, progress=progress)
         tokenizer = load_tokenizer(source) or load_tokenizer(folder)
-        return cls(model, tokenizer, max_seq_len, max_batch_size, _generation_config_eos(Path(source)))
+        return cls(model, tokenizer, max_seq_len, max_batch_size, _generation_config_eos(Path(source)), compile)
 
     @property
     def device(self) -> torch.device:
@@ -165,7 +170,7 @@ class Llama:
         self.stats = GenerationStats(prompt_tokens=sum(map(len, ids)))
         start = time.perf_counter()
         pending: list[Tensor] = []
-        steps = generate_tokens(self.model, ids, max_new_tokens, params, generator)
+        steps = generate_tokens(self.model, ids, max_new_tokens, params, generator, self._decode_step)
         for step, token in enumerate(steps):
             pending.append(token)
             last = step == max_new_tokens - 1

@@ -6,7 +6,7 @@ The sampling rules are small pure functions on logits [B, V], applied in the ord
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +95,11 @@ def sample(logits: Tensor, params: SamplingParams, seen: Tensor | None, generato
 
 
 # ---------------------------------------------------------------------------- the loop
+def decode_step(model: Transformer, token: Tensor, position: Tensor) -> Tensor:
+    """One token per row: token [B, 1] at position [B, 1] -> logits [B, V]. The unit `compile=True` compiles."""
+    return model(token, input_pos=position)[:, -1]
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: Transformer,
@@ -102,6 +107,7 @@ def generate_tokens(
     max_new_tokens: int,
     params: SamplingParams,
     generator: torch.Generator | None = None,
+    decode: Callable[[Transformer, Tensor, Tensor], Tensor] = decode_step,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, [B] on the model's device, once per step; stop iterating to stop.
 
@@ -133,5 +139,5 @@ def generate_tokens(
         yield next_token
         if step == max_new_tokens - 1:
             return
-        logits = model(next_token[:, None], input_pos=position[:, None])[:, -1]  # [B, V]
+        logits = decode(model, next_token[:, None], position[:, None])  # [B, V]
         position += 1

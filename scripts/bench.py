@@ -1,0 +1,207 @@
+"""Decode speed of the engine and of transformers, side by side, on the same random-weight model.
+
+    python scripts/bench.py                          # GPU: Llama-3.1-8B shape, bf16, batch 1/16/64
+    python scripts/bench.py --tiny --device cpu      # CPU smoke test of the script itself (no timing claims)
+
+Prints one table: tok/s of each system (wall time of prompt 128 + 256 new tokens, prefill included), the ratio to
+transformers' default generate, and the share of the batch-1 bandwidth limit (bytes of weights read per token
+over a device-to-device copy rate measured in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama.api import Llama  # noqa: E402
+from llama.config import ModelConfig  # noqa: E402
+from llama.model import Transformer  # noqa: E402
+from llama.weights import hf_to_engine_name  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 320, "head_dim": 16, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (the practical memory ceiling)."""
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.randn(2**30 // 2, dtype=torch.bfloat16, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    sync(device)
+    return 2 * x.numel() * x.element_size() * 20 / (time.perf_counter() - start)
+
+
+def matmul_flops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    a, b = (torch.randn(8192, 8192, dtype=torch.bfloat16, device=device) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    sync(device)
+    return 2 * 8192**3 * 20 / (time.perf_counter() - start)
+
+
+def build_models(config_json: dict, device: torch.device, dtype: torch.dtype, with_hf: bool):
+    """transformers' model with random weights, and the engine's model sharing the very same tensors."""
+    import transformers
+
+    hf_config = transformers.LlamaConfig(**config_json)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build straight in the target dtype: no float32 copy of 8B weights
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            hf = transformers.LlamaForCausalLM(hf_config)  # random normal(0, 0.02) weights, norms at 1
+    finally:
+        torch.set_default_dtype(default_dtype)
+    hf.eval()
+
+    config = ModelConfig.from_hf_config(config_json)
+    with torch.device("meta"):
+        ours = Transformer(config)
+    ours = ours.to(dtype).to_empty(device=device)
+    ours.tie_weights()
+    ours.rope.reset_parameters()
+    params = dict(ours.named_parameters())
+    for name, tensor in hf.state_dict().items():
+        engine_name = hf_to_engine_name(name)
+        if engine_name in params:
+            params[engine_name].data = tensor  # shared storage: one copy of the weights for both
+    return (hf if with_hf else None), ours.eval()
+
+
+def time_ours(llm: Llama, prompts: list[list[int]], new_tokens: int, sampling: dict) -> float:
+    llm.generate(prompts, max_new_tokens=new_tokens, **sampling)  # warm-up (and compilation)
+    sync(llm.device)
+    start = time.perf_counter()
+    results = llm.generate(prompts, max_new_tokens=new_tokens, **sampling)
+    sync(llm.device)
+    elapsed = time.perf_counter() - start
+    assert all(len(r.token_ids) == new_tokens for r in results)
+    return len(prompts) * new_tokens / elapsed
+
+
+def time_hf(hf, prompts: list[list[int]], new_tokens: int, sampling: dict, static: bool) -> float:
+    device = hf.device
+    length = max(map(len, prompts))
+    ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts], device=device)  # left-padded
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, attention_mask=mask, pad_token_id=0,
+                   do_sample=sampling["temperature"] > 0)
+    if options["do_sample"]:
+        options.update(temperature=sampling["temperature"], top_k=sampling["top_k"])
+    if static:
+        options["cache_implementation"] = "static"
+    with torch.inference_mode():
+        for _ in range(2 if static else 1):  # warm-up (static: compile, then settle the graphs)
+            hf.generate(ids, **options)
+        sync(device)
+        start = time.perf_counter()
+        out = hf.generate(ids, **options)
+        sync(device)
+    assert out.shape[1] == length + new_tokens
+    return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(CONFIGS / "llama-3.1-8b.json"))
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test of this script)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--systems", default="hf,hf-static,ours,ours-compiled")
+    parser.add_argument("--varied", action="store_true", help="also batch 64 with prompt lengths 64..512")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config_json = json.loads(Path(args.config).read_text())
+    if args.tiny:
+        config_json |= TINY
+    systems = args.systems.split(",")
+    hf, model = build_models(config_json, device, dtype, with_hf=any(s.startswith("hf") for s in systems))
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
+    bandwidth, flops = copy_bandwidth(device), matmul_flops(device)
+    limit = bandwidth / weight_bytes  # batch-1 tokens/s if every step reads each weight once and nothing else
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
+          f"{torch.__version__}, transformers {__import__('transformers').__version__}")
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s, non-embedding "
+          f"weights {weight_bytes / 1e9:.2f} GB -> batch-1 limit {limit:.1f} tok/s")
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = config_json["vocab_size"]
+    workloads = [(f"batch {b}", [torch.randint(0, vocab, (args.prompt_len,), generator=generator).tolist()] * b)
+                 for b in map(int, args.batch_sizes.split(","))]
+    if args.varied:
+        lengths = torch.linspace(64, 512, 64).long().tolist()
+        workloads.append(("batch 64, lengths 64..512",
+                          [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]))
+    llms = {}
+    if "ours" in systems:
+        llms["ours"] = Llama(model, max_seq_len=1024)
+    if "ours-compiled" in systems:
+        llms["ours-compiled"] = Llama(model, max_seq_len=1024, compile=True)
+    for llm in llms.values():
+        llm.eos_token_ids = []  # random weights: run every row the full length
+
+    rows = []
+    for mode, sampling in [("greedy", {"temperature": 0.0, "top_k": None}),
+                           ("sample T=0.8 k=200", {"temperature": 0.8, "top_k": 200})]:
+        for name, prompts in workloads:
+            row = {"workload": name, "mode": mode}
+            for system in systems:
+                try:
+                    if system.startswith("hf"):
+                        row[system] = time_hf(hf, prompts, args.new_tokens, sampling, static=system == "hf-static")
+                    else:
+                        row[system] = time_ours(llms[system], prompts, args.new_tokens, sampling)
+                except Exception as e:  # report and go on: one failing system must not hide the others
+                    print(f"{system} {name} {mode}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    row[system] = float("nan")
+                gc.collect()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    header = ["workload", "mode", *systems, "best ours / hf", "batch-1 limit share"]
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        ours_best = max((row[s] for s in systems if s.startswith("ours")), default=float("nan"))
+        base = row.get("hf", float("nan"))
+        share = ours_best / limit if row["workload"] == "batch 1" else float("nan")
+        cells = [row["workload"], row["mode"], *(f"{row[s]:.1f}" for s in systems), f"{ours_best / base:.2f}x",
+                 f"{share:.0%}" if share == share else ""]
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "bandwidth": bandwidth, "flops": flops,
+                                               "weight_bytes": weight_bytes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
