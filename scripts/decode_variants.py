@@ -1,0 +1,192 @@
+"""Experiments behind the GPU fast path (notes in docs/benchmarks.md): time one decode step, and decode
+attention over a long cache, for several variants in one run.
+
+    python scripts/decode_variants.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama.config import ModelConfig  # noqa: E402
+from llama.generate import decode_step  # noqa: E402
+from llama.model import Attention, SwiGLU, Transformer, apply_rope, reference_attention  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def bench(fn, repeat: int = 50) -> float:
+    """Median seconds per call, CUDA events."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def random_model(config: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to(torch.bfloat16).to_empty(device="cuda")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.rope.reset_parameters()
+    return model.eval()
+
+
+def fuse(model: Transformer) -> None:
+    """One matmul for q/k/v and one for gate/up (the weights concatenated), as gpt-fast does."""
+    for layer in model.layers:
+        a, m = layer.attention, layer.mlp
+        a.wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+        a.sizes = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
+        m.w13 = torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()
+        a.forward = fused_attention_forward.__get__(a, Attention)
+        m.forward = fused_mlp_forward.__get__(m, SwiGLU)
+
+
+def fused_attention_forward(self, x, cos, sin, input_pos):
+    B, T, _ = x.shape
+    q, k, v = F.linear(x, self.wqkv).split(self.sizes, dim=-1)
+    q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
+    k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
+    v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_all, v_all = self.cache.update(input_pos, k, v)
+    slots = torch.arange(k_all.shape[2], device=x.device)
+    mask = (slots <= input_pos[:, :, None]).unsqueeze(1)
+    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+    return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def fused_mlp_forward(self, x):
+    gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+    return self.down_proj(F.silu(gate) * up)
+
+
+def step_time(model: Transformer, batch: int, cache_len: int, compile_mode: str | None) -> float:
+    model.setup_cache(batch, cache_len)
+    step = torch.compile(decode_step, mode=compile_mode, fullgraph=True) if compile_mode else decode_step
+    token = torch.randint(0, 1000, (batch, 1), device="cuda")
+    position = torch.full((batch, 1), cache_len // 2, device="cuda")
+    with torch.inference_mode():
+        seconds = bench(lambda: step(model, token, position))
+    model.clear_cache()
+    return seconds
+
+
+def attention_variants(context: int) -> dict[str, float]:
+    """Decode attention (one query per row) over `context` cached positions, Llama-3.1-8B heads."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, H, K, D = 1, 32, 8, 128
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, K, context, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    position = torch.tensor([[context - 1]], device="cuda")
+    mask = (torch.arange(context, device="cuda") <= position[:, :, None]).unsqueeze(1)
+    results = {}
+    results["sdpa + bool mask"] = bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                               enable_gqa=True))
+    reference = torch.compile(reference_attention)
+    results["reference (grouped, compiled)"] = bench(lambda: reference(q, k, v, mask))
+
+    def visible(b, h, q_idx, kv_idx):
+        return kv_idx <= position[b, 0]
+
+    block_mask = create_block_mask(visible, B, None, 1, context, device="cuda")
+    flex = torch.compile(flex_attention)
+    results["flex_attention (gqa)"] = bench(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True))
+    kv_bytes = 2 * K * context * D * 2
+    return {name: (seconds, kv_bytes / seconds / 1e9) for name, seconds in results.items()}
+
+
+def prefill_efficiency(model: Transformer, tokens: int, peak_flops: float) -> tuple[float, float]:
+    """Seconds for one prefill of `tokens` tokens, and the share of the measured matmul peak it reaches."""
+    c = model.config
+    matmul_params = c.n_layers * (c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+                                  + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.ffn_dim)
+    flops = 2 * matmul_params * tokens + 2 * tokens**2 * c.n_heads * c.head_dim * c.n_layers  # causal attention
+    x = torch.randint(0, 1000, (1, tokens), device="cuda")
+    model.setup_cache(1, tokens)
+    with torch.inference_mode():
+        seconds = bench(lambda: model(x, input_pos=torch.arange(tokens, device="cuda"),
+                                      logits_at=torch.tensor([tokens - 1], device="cuda")), repeat=5)
+    model.clear_cache()
+    return seconds, flops / seconds / peak_flops
+
+
+def long_generation(model: Transformer, context: int, new_tokens: int) -> dict:
+    from llama.api import Llama
+
+    llm = Llama(model, max_seq_len=context + new_tokens, compile=True)
+    llm.eos_token_ids = []
+    prompt = torch.randint(0, 1000, (context,)).tolist()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):  # the first run compiles
+        llm.generate([prompt], max_new_tokens=new_tokens)
+    s = llm.stats
+    llm._release_cache()
+    return {"context": context, "prefill_s": s.prefill_seconds, "decode_tok_s": (s.new_tokens - 1) / s.decode_seconds,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    torch._inductor.config.coordinate_descent_tuning = False
+    config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
+    model = random_model(config)
+    weight_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if "embed" not in n)
+    rows = {}
+    rows["eager"] = step_time(model, 1, 384, None)
+    rows["reduce-overhead"] = step_time(model, 1, 384, "reduce-overhead")
+    torch._dynamo.reset()
+    torch._inductor.config.coordinate_descent_tuning = True
+    rows["reduce-overhead + coordinate descent"] = step_time(model, 1, 384, "reduce-overhead")
+    torch._dynamo.reset()
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    peak = 2 * 8192**3 / bench(lambda: a @ b)
+    del a, b
+    seconds, share = prefill_efficiency(model, 8192, peak)
+    print(f"prefill 8192 tokens: {seconds:.3f} s, {share:.0%} of the measured bf16 matmul peak "
+          f"{peak / 1e12:.0f} TFLOP/s", flush=True)
+    x = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    bandwidth = 2 * x.numel() * 2 / bench(lambda: y.copy_(x))
+    del x, y
+    kv_bytes_per_position = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2
+    for context in (32768, 131072 - 64):
+        torch._dynamo.reset()
+        result = long_generation(model, context, 64)
+        limit = bandwidth / (weight_bytes + kv_bytes_per_position * (context + 32))
+        print(f"long context {json.dumps(result)}; limit {limit:.1f} tok/s -> {result['decode_tok_s'] / limit:.0%}",
+              flush=True)
+    torch._dynamo.reset()
+    fuse(model)
+    rows["fused qkv/gate-up + coordinate descent"] = step_time(model, 1, 384, "reduce-overhead")
+    torch._dynamo.reset()
+    rows["fused, 32k context"] = step_time(model, 1, 32768, "reduce-overhead")
+    for name, seconds in rows.items():
+        print(f"decode step batch 1 | {name:45s} | {seconds * 1e3:7.3f} ms | {1 / seconds:6.1f} tok/s | "
+              f"{weight_bytes / seconds / 1e9:6.0f} GB/s of weights", flush=True)
+    for context in (32768, 131072):
+        for name, (seconds, bandwidth) in attention_variants(context).items():
+            print(f"attention, one layer, context {context} | {name:32s} | {seconds * 1e6:8.1f} us | "
+                  f"{bandwidth:6.0f} GB/s of KV", flush=True)
+    print(json.dumps({k: v for k, v in rows.items()}))
+
+
+if __name__ == "__main__":
+    main()
