@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -114,6 +113,17 @@ def attention_variants(context: int) -> dict[str, float]:
     return {name: (seconds, kv_bytes / seconds / 1e9) for name, seconds in results.items()}
 
 
+def matmul_peak() -> float:
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / bench(lambda: a @ b)
+
+
+def copy_bandwidth() -> float:
+    x = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 2 / bench(lambda: y.copy_(x))
+
+
 def prefill_efficiency(model: Transformer, tokens: int, peak_flops: float) -> tuple[float, float]:
     """Seconds for one prefill of `tokens` tokens, and the share of the measured matmul peak it reaches."""
     c = model.config
@@ -156,16 +166,11 @@ def main() -> None:
     torch._inductor.config.coordinate_descent_tuning = True
     rows["reduce-overhead + coordinate descent"] = step_time(model, 1, 384, "reduce-overhead")
     torch._dynamo.reset()
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    peak = 2 * 8192**3 / bench(lambda: a @ b)
-    del a, b
+    peak = matmul_peak()
     seconds, share = prefill_efficiency(model, 8192, peak)
     print(f"prefill 8192 tokens: {seconds:.3f} s, {share:.0%} of the measured bf16 matmul peak "
           f"{peak / 1e12:.0f} TFLOP/s", flush=True)
-    x = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    bandwidth = 2 * x.numel() * 2 / bench(lambda: y.copy_(x))
-    del x, y
+    bandwidth = copy_bandwidth()
     kv_bytes_per_position = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2
     for context in (32768, 131072 - 64):
         torch._dynamo.reset()
