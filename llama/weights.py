@@ -67,25 +67,44 @@ def load_model(
     return config, model.eval()
 
 
+def load_targets(model: Transformer) -> dict[str, Tensor]:
+    """Where each checkpoint tensor goes: its name in the engine's vocabulary -> the parameter, or the row block
+    of a stacked parameter (q/k/v_proj in attention.qkv_proj, gate/up_proj in mlp.gate_up_proj)."""
+    targets = {}
+    for name, param in model.named_parameters():  # tied weights appear once, under their first name
+        module_name, _, kind = name.rpartition(".")  # kind: "weight" or "bias"
+        prefix, _, leaf = module_name.rpartition(".")
+        if leaf in _STACKED:
+            blocks = param.split(model.get_submodule(prefix).qkv_sizes if leaf == "qkv_proj" else param.shape[0] // 2)
+            for part, block in zip(_STACKED[leaf], blocks):
+                targets[f"{prefix}.{part}.{kind}"] = block  # a view: copying into it fills the stacked parameter
+        else:
+            targets[name] = param
+    return targets
+
+
+_STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def _copy_into(model: Transformer, tensors: Iterator[tuple[str, str, Tensor]], progress: bool) -> None:
-    """Copy (name, origin, tensor) triples into the model's parameters; every parameter exactly once."""
-    params = dict(model.named_parameters())  # tied weights appear once, under their first name
+    """Copy (name, origin, tensor) triples into the model's parameters; every target exactly once."""
+    targets = load_targets(model)
     loaded: set[str] = set()
-    bar = tqdm(total=len(params), desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(total=len(targets), desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for name, origin, tensor in tensors:
-        if name not in params:
+        if name not in targets:
             raise CheckpointError(f"{origin}: unexpected tensor {name!r}: the model has no such parameter")
-        param = params[name]
-        if tuple(tensor.shape) != tuple(param.shape):
+        target = targets[name]
+        if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
-                f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(param.shape)}"
+                f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(target.shape)}"
             )
         with torch.no_grad():
-            param.copy_(tensor)  # converts dtype and moves to the device in one step
+            target.copy_(tensor)  # converts dtype and moves to the device in one step
         loaded.add(name)
         bar.update()
     bar.close()
-    missing = sorted(set(params) - loaded)
+    missing = sorted(set(targets) - loaded)
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor(s) {', '.join(missing[:5])}" + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""))

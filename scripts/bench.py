@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama.api import Llama  # noqa: E402
 from llama.config import ModelConfig  # noqa: E402
 from llama.model import Transformer  # noqa: E402
-from llama.weights import hf_to_engine_name  # noqa: E402
+from llama.weights import hf_to_engine_name, load_targets  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -70,14 +70,15 @@ def build_models(config_json: dict, device: torch.device, dtype: torch.dtype, wi
     import transformers
 
     hf_config = transformers.LlamaConfig(**config_json)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build straight in the target dtype: no float32 copy of 8B weights
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            hf = transformers.LlamaForCausalLM(hf_config)  # random normal(0, 0.02) weights, norms at 1
-    finally:
-        torch.set_default_dtype(default_dtype)
+    with torch.device("meta"):  # no memory, no slow initialisation: weights are drawn below, on the device
+        hf = transformers.LlamaForCausalLM(hf_config)
+    hf = hf.to(dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=generator)
+    with torch.device(device):  # to_empty left the rotary buffers uninitialised: build them afresh
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)
     hf.eval()
 
     config = ModelConfig.from_hf_config(config_json)
@@ -86,11 +87,14 @@ def build_models(config_json: dict, device: torch.device, dtype: torch.dtype, wi
     ours = ours.to(dtype).to_empty(device=device)
     ours.tie_weights()
     ours.rope.reset_parameters()
-    params = dict(ours.named_parameters())
-    for name, tensor in hf.state_dict().items():
-        engine_name = hf_to_engine_name(name)
-        if engine_name in params:
-            params[engine_name].data = tensor  # shared storage: one copy of the weights for both
+    targets = load_targets(ours)
+    with torch.no_grad():
+        for name, tensor in hf.state_dict().items():
+            engine_name = hf_to_engine_name(name)
+            if engine_name in targets:
+                targets[engine_name].copy_(tensor)
+    if not with_hf:
+        del hf
     return (hf if with_hf else None), ours.eval()
 
 

@@ -56,11 +56,13 @@ def main() -> int:
 
     eager = Llama.from_pretrained(folder, device="cuda", dtype=torch.bfloat16, progress=False)
     compiled = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    eager_steps = cached_logits(eager, tokens, 32, decode_step)
+    compiled_steps = cached_logits(eager, tokens, 32, compiled)
     errors = {
         "transformers bf16": relative_error(hf_bf16, fp32),
         "engine bf16, full forward": relative_error(eager.logits(tokens), fp32),
-        "engine bf16, cached decode (eager)": relative_error(cached_logits(eager, tokens, 32, decode_step), fp32),
-        "engine bf16, cached decode (compiled)": relative_error(cached_logits(eager, tokens, 32, compiled), fp32),
+        "engine bf16, cached decode (eager)": relative_error(eager_steps, fp32),
+        "engine bf16, cached decode (compiled)": relative_error(compiled_steps, fp32),
     }
     baseline = errors["transformers bf16"]
     ok = True
@@ -68,15 +70,28 @@ def main() -> int:
     for name, error in errors.items():
         print(f"| {name} | {error:.2e} | {error / baseline:.2f} |")
         ok &= error <= 1.5 * baseline
+    # Greedy choices on the same (teacher-forced) prefixes: where eager and compiled pick different tokens,
+    # the two best logits must be a near-tie, closer than transformers' own bf16 error on these logits.
+    top2 = eager_steps[:, 32:].topk(2, dim=-1).values
+    margin = top2[..., 0] - top2[..., 1]
+    differ = eager_steps[:, 32:].argmax(-1) != compiled_steps[:, 32:].argmax(-1)
+    noise = (hf_bf16 - fp32).abs().max().item()
+    print(f"greedy choices, eager vs compiled, same prefixes: {int(differ.sum())} of {differ.numel()} differ; "
+          f"largest top-2 margin where they differ {margin[differ].max().item() if differ.any() else 0:.4f} "
+          f"(transformers' own bf16 max error on these logits: {noise:.4f})")
+    ok &= bool((margin[differ] <= noise).all())
     eager.eos_token_ids = []
     fast = Llama(eager.model, compile=True)
     fast.eos_token_ids = []
     prompts = tokens[:, :64].tolist()
     greedy_eager = [r.token_ids for r in eager.generate(prompts, max_new_tokens=64)]
     greedy_compiled = [r.token_ids for r in fast.generate(prompts, max_new_tokens=64)]
-    same = sum(a == b for a, b in zip(greedy_eager, greedy_compiled))
-    print(f"greedy tokens, eager vs compiled: {same}/{len(prompts)} rows identical over 64 tokens")
-    ok &= same == len(prompts)
+    # Random weights give nearly flat next-token distributions, so bf16 rounding differences between two
+    # kernel choices can flip a near-tie; report where each row first diverges rather than only pass/fail.
+    agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), 64) for x, y in
+             zip(greedy_eager, greedy_compiled)]
+    print(f"free-running greedy, eager vs compiled: identical prefix per row {agree} of 64 (after a near-tie the "
+          f"two continuations are different sequences)")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
