@@ -1,0 +1,22 @@
+"""The benchmark script runs end to end on a tiny model on CPU (a smoke test: no speed is asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_runs_on_a_tiny_model_and_prints_its_table(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--device", "cpu", "--systems",
+         "hf,ours,ours-compiled", "--batch-sizes", "1,2", "--new-tokens", "4", "--json", str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| batch")]
+    assert len(table) == 4  # 2 batch sizes x (greedy, sampled)
+    assert "nan" not in "".join(table)  # every system produced a figure
+    assert (tmp_path / "out.json").exists()
