@@ -16,6 +16,7 @@ from llama.config import ModelConfig
 from llama.generate import GenerationResult, SamplingParams, decode_step, generate_tokens
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, load_tokenizer
+from llama.tp import TensorParallel, shared_seed
 from llama.weights import find_checkpoint, load_model
 
 Prompt = str | Sequence[int]
@@ -62,10 +63,11 @@ class Llama:
     """A loaded model, its config, and its tokenizer (None when the folder has no tokenizer files)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
-                 max_batch_size: int | None = None, eos_token_ids: Sequence[int] = (), compile: bool = False):
-        self.model = model
+                 max_batch_size: int | None = None, eos_token_ids: Sequence[int] = (), compile: bool = False,
+                 config: ModelConfig | None = None):
+        self.model = model  # under tensor parallelism, this rank's part (model.config: its local shape)
         self._decode_step = compiled_decode_step() if compile else decode_step
-        self.config: ModelConfig = model.config
+        self.config: ModelConfig = config or model.config  # the whole model's shape
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         limit = self.config.max_position_embeddings
@@ -89,12 +91,18 @@ class Llama:
         compile: bool = False,
     ) -> Llama:
         """Load a checkpoint folder: Hugging Face layout (config.json + safetensors) or Meta's (params.json +
-        consolidated.NN.pth, at the root or in `original/`)."""
+        consolidated.NN.pth, at the root or in `original/`). Under torchrun (WORLD_SIZE > 1) the model is split
+        over the ranks (tensor parallelism, see tp.py) and each rank loads only its part."""
+        tensor_parallel = TensorParallel.from_environment()
+        if tensor_parallel and device is None and torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"
         device, dtype = default_device_and_dtype(device, dtype)
         kind, folder = find_checkpoint(source)
-        _, model = load_model(folder, device, dtype, progress=progress)
+        progress = progress and (tensor_parallel is None or tensor_parallel.rank == 0)
+        config, model = load_model(folder, device, dtype, progress=progress, tensor_parallel=tensor_parallel)
         tokenizer = load_tokenizer(source) or load_tokenizer(folder)
-        return cls(model, tokenizer, max_seq_len, max_batch_size, _generation_config_eos(Path(source)), compile)
+        return cls(model, tokenizer, max_seq_len, max_batch_size, _generation_config_eos(Path(source)), compile,
+                   config)
 
     @property
     def device(self) -> torch.device:
@@ -170,6 +178,7 @@ class Llama:
         stop_ids = set(stop_token_ids or ()) | set(self.eos_token_ids)
         self._rows = [_Row(self.tokenizer, stop_ids, list(stop or ())) for _ in ids]
         generator = None
+        seed = shared_seed(seed)  # under tensor parallelism every rank must draw the same tokens
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -230,7 +239,7 @@ class Llama:
         self._cache_shape = None
 
     def _cache_bytes(self, batch: int, length: int) -> int:
-        c = self.config
+        c = self.model.config  # this rank's kv heads
         return 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.model.embed_tokens.weight.element_size() \
             * batch * length
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from llama.hub import HubError
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 prints
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     try:
         return args.run(args)
     except HubError as e:
@@ -112,6 +115,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from llama import tp
+
     llm = _load(args)
     if llm.tokenizer is None:
         raise ValueError("this checkpoint has no tokenizer files, so it cannot chat")
@@ -123,8 +128,11 @@ def _chat(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             try:
-                user = input("> ")
+                user = input("> ") if tp.rank() == 0 else ""
             except (EOFError, KeyboardInterrupt):
+                user = None
+            user = tp.broadcast(user)  # under torchrun, rank 0 reads and every rank generates
+            if user is None:
                 print(file=sys.stderr)
                 return 0
             if not user.strip():

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -22,6 +23,9 @@ from tqdm.auto import tqdm
 
 from llama.config import ModelConfig
 from llama.model import Transformer
+
+if TYPE_CHECKING:
+    from llama.tp import TensorParallel
 
 
 class CheckpointError(ValueError):
@@ -48,8 +52,11 @@ def find_checkpoint(folder: str | Path) -> tuple[str, Path]:
 
 
 def load_model(
-    folder: str | Path, device: torch.device, dtype: torch.dtype, progress: bool = True
+    folder: str | Path, device: torch.device, dtype: torch.dtype, progress: bool = True,
+    tensor_parallel: TensorParallel | None = None,
 ) -> tuple[ModelConfig, Transformer]:
+    """The checkpoint's config and the model, on `device` in `dtype`. With `tensor_parallel`, this rank's part
+    of the model, read slice by slice (see tp.py); the config returned is the whole model's."""
     kind, folder = find_checkpoint(folder)
     if kind == "hf":
         config = ModelConfig.from_file(folder / "config.json")
@@ -59,12 +66,18 @@ def load_model(
         config = _meta_config(folder, shards)
         tensors = _meta_tensors(shards, config)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(tensor_parallel.local_config(config) if tensor_parallel else config)
     model = model.to(dtype).to_empty(device=device)  # allocated once, in the final dtype, uninitialised
     model.tie_weights()
     model.rope.reset_parameters()  # inv_freq is computed in float32, not loaded
-    _copy_into(model, tensors, progress)
+    _copy_into(model, tensors, progress, tensor_parallel.take if tensor_parallel else _whole)
+    if tensor_parallel:
+        tensor_parallel.attach(model)
     return config, model.eval()
+
+
+def _whole(name: str, source: Any) -> Tensor:
+    return source[:]  # a tensor, or a safetensors slice read completely
 
 
 def load_targets(model: Transformer) -> dict[str, Tensor]:
@@ -86,15 +99,21 @@ def load_targets(model: Transformer) -> dict[str, Tensor]:
 _STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def _copy_into(model: Transformer, tensors: Iterator[tuple[str, str, Tensor]], progress: bool) -> None:
-    """Copy (name, origin, tensor) triples into the model's parameters; every target exactly once."""
+def _copy_into(model: Transformer, tensors: Iterator[tuple[str, str, Any]], progress: bool,
+               take: Callable[[str, Any], Tensor] = _whole) -> None:
+    """Copy (name, origin, source) triples into the model's parameters, every target exactly once. A source is a
+    tensor or a safetensors slice; `take` reads the part this process holds (all of it without parallelism)."""
     targets = load_targets(model)
     loaded: set[str] = set()
     bar = tqdm(total=len(targets), desc="loading weights", unit="tensor", disable=not progress, leave=False)
-    for name, origin, tensor in tensors:
+    for name, origin, source in tensors:
         if name not in targets:
             raise CheckpointError(f"{origin}: unexpected tensor {name!r}: the model has no such parameter")
         target = targets[name]
+        try:
+            tensor = take(name, source)
+        except Exception as e:  # safetensors reads lazily: a truncated file can fail only here
+            raise CheckpointError(f"{origin}: cannot read the tensor ({type(e).__name__}: {e})") from e
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
                 f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(target.shape)}"
@@ -153,7 +172,7 @@ def hf_shard_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def _hf_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, str, Tensor]]:
+def _hf_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, str, Any]]:
     files = hf_shard_files(folder)
     bar = tqdm(files, desc="safetensors shards", unit="file", disable=len(files) == 1, leave=False)
     for path in bar:
@@ -163,7 +182,7 @@ def _hf_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, str, T
                     engine_name = hf_to_engine_name(name)
                     if engine_name is None or (engine_name == "lm_head.weight" and config.tie_word_embeddings):
                         continue  # tied checkpoints sometimes store the (identical) output matrix as well
-                    yield engine_name, f"{path} ({name})", f.get_tensor(name)
+                    yield engine_name, f"{path} ({name})", f.get_slice(name)  # read when sliced
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
