@@ -2,6 +2,8 @@
 
     python scripts/bench.py                          # GPU: Llama-3.1-8B shape, bf16, batch 1/16/64
     python scripts/bench.py --tiny --device cpu      # CPU smoke test of the script itself (no timing claims)
+    torchrun --nproc-per-node 2 scripts/bench.py --config configs/llama-3.1-70b.json --systems ours,ours-compiled
+                                                     # tensor parallel: the engine alone, split over 2 GPUs
 
 Prints one table: tok/s of each system (wall time of prompt 128 + 256 new tokens, prefill included), the ratio to
 transformers' default generate, and the share of the batch-1 bandwidth limit (bytes of weights read per token
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama.api import Llama  # noqa: E402
 from llama.config import ModelConfig  # noqa: E402
 from llama.model import Transformer  # noqa: E402
+from llama.tp import TensorParallel  # noqa: E402
 from llama.weights import hf_to_engine_name, load_targets  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -98,6 +102,23 @@ def build_models(config_json: dict, device: torch.device, dtype: torch.dtype, wi
     return (hf if with_hf else None), ours.eval()
 
 
+def build_split_model(config_json: dict, device: torch.device, dtype: torch.dtype,
+                      tensor_parallel: TensorParallel) -> Transformer:
+    """This rank's part of a random model (no transformers: a 70B model does not fit on one GPU). Every rank
+    draws from the same seed, so the replicated weights (embeddings, norms, output) agree across ranks."""
+    config = ModelConfig.from_hf_config(config_json)
+    with torch.device("meta"):
+        model = Transformer(tensor_parallel.local_config(config))
+    model = model.to(dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=generator)
+    model.rope.reset_parameters()
+    tensor_parallel.attach(model)
+    return model.eval()
+
+
 def time_ours(llm: Llama, prompts: list[list[int]], new_tokens: int, sampling: dict) -> float:
     llm.generate(prompts, max_new_tokens=new_tokens, **sampling)  # warm-up (and compilation)
     sync(llm.device)
@@ -150,14 +171,26 @@ def main() -> None:
     if args.tiny:
         config_json |= TINY
     systems = args.systems.split(",")
-    hf, model = build_models(config_json, device, dtype, with_hf=any(s.startswith("hf") for s in systems))
+    tensor_parallel = TensorParallel.from_environment()  # under torchrun: the engine split over the ranks
+    if tensor_parallel:
+        if any(s.startswith("hf") for s in systems):
+            parser.error("under torchrun only the engine is measured: --systems ours,ours-compiled")
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        hf, model = None, build_split_model(config_json, device, dtype, tensor_parallel)
+        if tensor_parallel.rank != 0:
+            sys.stdout = open(os.devnull, "w")
+    else:
+        hf, model = build_models(config_json, device, dtype, with_hf=any(s.startswith("hf") for s in systems))
+    # Bytes one device reads per token: its own part of the layers plus the (replicated) output matrix.
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
     bandwidth, flops = copy_bandwidth(device), matmul_flops(device)
     limit = bandwidth / weight_bytes  # batch-1 tokens/s if every step reads each weight once and nothing else
-    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
+    ranks = tensor_parallel.world_size if tensor_parallel else 1
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} x {ranks}, torch "
           f"{torch.__version__}, transformers {__import__('transformers').__version__}")
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s, non-embedding "
-          f"weights {weight_bytes / 1e9:.2f} GB -> batch-1 limit {limit:.1f} tok/s")
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s per device, bf16 matmul {flops / 1e12:.0f} TFLOP/s, "
+          f"non-embedding weights read per device {weight_bytes / 1e9:.2f} GB -> batch-1 limit {limit:.1f} tok/s")
 
     generator = torch.Generator().manual_seed(0)
     vocab = config_json["vocab_size"]

@@ -20,3 +20,23 @@ def test_bench_runs_on_a_tiny_model_and_prints_its_table(tmp_path):
     assert len(table) == 4  # 2 batch sizes x (greedy, sampled)
     assert "nan" not in "".join(table)  # every system produced a figure
     assert (tmp_path / "out.json").exists()
+
+
+def test_bench_runs_split_over_two_ranks(tmp_path):
+    """The tensor-parallel mode of the benchmark (the engine alone under torchrun), smoke-tested with gloo."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         str(ROOT / "scripts" / "bench.py"), "--tiny", "--device", "cpu", "--systems", "ours,ours-compiled",
+         "--batch-sizes", "1", "--new-tokens", "4"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "x 2, torch" in result.stdout  # printed once, by rank 0
+    table = [line for line in result.stdout.splitlines() if line.startswith("| batch")]
+    assert len(table) == 2 and "nan |" not in "".join(line.split("nanx")[0] for line in table)
