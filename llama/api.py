@@ -263,8 +263,10 @@ class _Row:
         self.text = ""  # decoded so far (cut at a stop string)
         self.emitted = 0  # characters of text already yielded
         self.finish_reason: str | None = None
+        self.cut = False  # the text was cut at a stop string
 
     def push(self, tokens: list[int], final: bool) -> str:
+        """Take the next tokens of this row; return the text that can be shown now."""
         for token in tokens:
             if self.finish_reason:
                 break
@@ -273,26 +275,24 @@ class _Row:
                 break
             self.token_ids.append(token)
             if self.decoder is not None:
-                self.text += self.decoder.push(token)
-                self._check_stop_strings()
+                self._add_text(self.decoder.push(token))
         if not self.finish_reason and final:
             self.finish_reason = "length"
-        if self.finish_reason and self.decoder is not None and not any(s in self.text for s in self.stop):
-            if self.finish_reason == "length" or not self._cut_by_stop:
-                self.text += self.decoder.flush()
-                self._check_stop_strings()
+        if self.finish_reason and self.decoder is not None:
+            self._add_text(self.decoder.flush())  # bytes held back for an unfinished character
         hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.stop), default=0)
         piece = self.text[self.emitted: max(self.emitted, len(self.text) - hold)]
         self.emitted += len(piece)
         return piece
 
-    _cut_by_stop = False
-
-    def _check_stop_strings(self) -> None:
+    def _add_text(self, new: str) -> None:
+        if self.cut:
+            return
+        self.text += new
         for s in self.stop:
             index = self.text.find(s)
-            if index >= 0:
-                self.text, self.finish_reason, self._cut_by_stop = self.text[:index], "stop", True
+            if index >= 0:  # cut before the stop string; tokens already taken stay in token_ids
+                self.text, self.finish_reason, self.cut = self.text[:index], "stop", True
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.token_ids, self.text if self.tokenizer else None, self.finish_reason or "length")
