@@ -139,11 +139,11 @@ class Llama:
         one of the `stop` strings (the text is cut before it); `.token_ids` never include the stop token.
         """
         batch = _as_batch(prompts)
-        rows = self._run(batch, max_new_tokens, SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty),
-                         seed, stop, stop_token_ids, streaming=False)
-        for _ in rows:
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+        rows: list[_Row] = []
+        for rows, _ in self._run(batch, max_new_tokens, params, seed, stop, stop_token_ids, streaming=False):
             pass
-        return [row.result() for row in self._rows]
+        return [row.result() for row in rows]
 
     def stream(self, prompt: Prompt, **options) -> Iterator[str]:
         """Like `generate` for one prompt, yielding the text as it is decoded (never half a character)."""
@@ -155,13 +155,14 @@ class Llama:
         max_new_tokens = options.pop("max_new_tokens")
         seed, stop, stop_ids = options.pop("seed", None), options.pop("stop", None), options.pop("stop_token_ids", None)
         params = SamplingParams(**options)
-        for pieces in self._run([prompt], max_new_tokens, params, seed, stop, stop_ids, streaming=True):
+        for _, pieces in self._run([prompt], max_new_tokens, params, seed, stop, stop_ids, streaming=True):
             if pieces[0]:
                 yield pieces[0]
 
     def _run(self, prompts: list[Prompt], max_new_tokens: int, params: SamplingParams, seed: int | None,
-             stop: Sequence[str] | None, stop_token_ids: Sequence[int] | None, streaming: bool) -> Iterator[list[str]]:
-        """The shared loop: validate, batch, decode; yields the new text of every row at each look."""
+             stop: Sequence[str] | None, stop_token_ids: Sequence[int] | None,
+             streaming: bool) -> Iterator[tuple[list[_Row], list[str]]]:
+        """The shared loop: validate, batch, decode; yields the rows and the new text of each at every look."""
         params.validate()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -176,7 +177,7 @@ class Llama:
                 )
         self._ensure_cache(len(ids), max(map(len, ids)) + max_new_tokens)
         stop_ids = set(stop_token_ids or ()) | set(self.eos_token_ids)
-        self._rows = [_Row(self.tokenizer, stop_ids, list(stop or ())) for _ in ids]
+        rows = [_Row(self.tokenizer, stop_ids, list(stop or ())) for _ in ids]
         generator = None
         seed = shared_seed(seed)  # under tensor parallelism every rank must draw the same tokens
         if seed is not None:
@@ -195,12 +196,12 @@ class Llama:
             pending = []
             if step == 0:
                 self.stats.prefill_seconds = time.perf_counter() - start
-            pieces = [row.push(tokens, final=last) for row, tokens in zip(self._rows, block)]
-            yield pieces
-            if all(row.finish_reason for row in self._rows):
+            pieces = [row.push(tokens, final=last) for row, tokens in zip(rows, block)]
+            yield rows, pieces
+            if all(row.finish_reason for row in rows):
                 break
         steps.close()
-        self.stats.new_tokens = sum(len(row.token_ids) for row in self._rows)
+        self.stats.new_tokens = sum(len(row.token_ids) for row in rows)
         self.stats.decode_seconds = time.perf_counter() - start - self.stats.prefill_seconds
 
     def _encode(self, prompt: Prompt, index: int) -> list[int]:
