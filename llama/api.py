@@ -186,7 +186,8 @@ class Llama:
         self.stats = GenerationStats(prompt_tokens=sum(map(len, ids)))
         start = time.perf_counter()
         pending: list[Tensor] = []
-        steps = generate_tokens(self.model, ids, max_new_tokens, params, generator, self._decode_step)
+        steps = _out_of_memory_explained(generate_tokens(self.model, ids, max_new_tokens, params, generator,
+                                                         self._decode_step), len(ids), max(map(len, ids)))
         for step, token in enumerate(steps):
             pending.append(token)
             last = step == max_new_tokens - 1
@@ -297,6 +298,17 @@ class _Row:
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.token_ids, self.text if self.tokenizer else None, self.finish_reason or "length")
+
+
+def _out_of_memory_explained(steps: Iterator[Tensor], batch: int, longest: int) -> Iterator[Tensor]:
+    """The decode steps, with running out of device memory (a long prefill, say) explained in one line."""
+    try:
+        yield from steps
+    except torch.OutOfMemoryError as e:
+        raise MemoryError(
+            f"out of device memory generating for {batch} prompt(s) of up to {longest} tokens: use fewer or "
+            f"shorter prompts, or split the model over GPUs with torchrun"
+        ) from e
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

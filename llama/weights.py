@@ -67,7 +67,15 @@ def load_model(
         tensors = _meta_tensors(shards, config)
     with torch.device("meta"):
         model = Transformer(tensor_parallel.local_config(config) if tensor_parallel else config)
-    model = model.to(dtype).to_empty(device=device)  # allocated once, in the final dtype, uninitialised
+    model = model.to(dtype)
+    try:
+        model = model.to_empty(device=device)  # allocated once, in the final dtype, uninitialised
+    except torch.OutOfMemoryError as e:
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        raise MemoryError(
+            f"{folder}: the weights need {size / 2**30:.1f} GiB in {dtype} and do not fit in {device}'s free memory; "
+            f"use a smaller dtype, a larger device, or split the model over GPUs with torchrun (tensor parallelism)"
+        ) from e
     model.tie_weights()
     model.rope.reset_parameters()  # inv_freq is computed in float32, not loaded
     _copy_into(model, tensors, progress, tensor_parallel.take if tensor_parallel else _whole)

@@ -112,3 +112,12 @@ def test_old_rotary_inv_freq_buffers_are_ignored(copy, checkpoint):
     save_file(tensors, copy / "model.safetensors")
     tokens = torch.randint(0, 320, (1, 12))
     torch.testing.assert_close(load(copy).logits(tokens), load(checkpoint).logits(tokens), rtol=0, atol=0)
+
+
+def test_weights_that_do_not_fit_on_the_device_are_explained(checkpoint, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", out_of_memory)
+    with pytest.raises(MemoryError, match=r"the weights need .* GiB in torch.float32 and do not fit"):
+        load(checkpoint)

@@ -75,3 +75,14 @@ def test_prompt_longer_than_context_is_a_clear_error(checkpoint):
     llm = llama.Llama.from_pretrained(checkpoint[0], device="cpu", max_seq_len=32, progress=False)
     with pytest.raises(ValueError, match="more than max_seq_len=32"):
         llm.generate([list(range(30))], max_new_tokens=5)
+
+
+def test_running_out_of_device_memory_is_explained(checkpoint, monkeypatch):
+    llm = llama.Llama.from_pretrained(checkpoint[0], device="cpu", progress=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(llm.model, "forward", out_of_memory)
+    with pytest.raises(MemoryError, match="out of device memory generating for 2 prompt"):
+        llm.generate([[1, 2, 3], [4, 5]], max_new_tokens=4)
