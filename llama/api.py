@@ -97,7 +97,7 @@ class Llama:
         if tensor_parallel and device is None and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"
         device, dtype = default_device_and_dtype(device, dtype)
-        kind, folder = find_checkpoint(source)
+        _, folder = find_checkpoint(source)
         progress = progress and (tensor_parallel is None or tensor_parallel.rank == 0)
         config, model = load_model(folder, device, dtype, progress=progress, tensor_parallel=tensor_parallel)
         tokenizer = load_tokenizer(source) or load_tokenizer(folder)

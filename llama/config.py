@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,9 +171,6 @@ class ModelConfig:
             max_position_embeddings=int(params.get("max_seq_len") or max_pos),
             rope=rope,
         )
-
-    def with_overrides(self, **changes: Any) -> ModelConfig:
-        return replace(self, **changes)
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

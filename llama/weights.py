@@ -10,6 +10,7 @@ A broken checkpoint is a `CheckpointError` that names the file and the tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -247,7 +248,7 @@ def _meta_config(folder: Path, shards: list[tuple[Path, dict[str, Tensor]]]) -> 
     vocab_size = rows * len(shards) if width == params.get("dim") else rows
     config = ModelConfig.from_meta_params(params, str(folder / "params.json"), vocab_size=vocab_size)
     if "output.weight" not in first:  # Llama 3.2's Meta checkpoints may leave the output matrix tied
-        config = config.with_overrides(tie_word_embeddings=True)
+        config = dataclasses.replace(config, tie_word_embeddings=True)
     return config
 
 

@@ -69,54 +69,51 @@ def matmul_flops(device: torch.device) -> float:
     return 2 * 8192**3 * 20 / (time.perf_counter() - start)
 
 
+def randomize_(model: torch.nn.Module, device: torch.device) -> None:
+    """Norm weights 1, everything else normal(0, 0.02), from seed 0: the same values on every rank."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=generator)
+
+
+def random_engine_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                        tensor_parallel: TensorParallel | None = None) -> Transformer:
+    """The engine's model (or, under tensor parallelism, this rank's part of it) with random weights, built
+    without transformers: a 70B model does not fit on one GPU. Every rank draws from the same seed, so the
+    replicated weights (embeddings, norms, output) agree across ranks."""
+    with torch.device("meta"):
+        model = Transformer(tensor_parallel.local_config(config) if tensor_parallel else config)
+    model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()
+    randomize_(model, device)
+    model.rope.reset_parameters()
+    if tensor_parallel:
+        tensor_parallel.attach(model)
+    return model.eval()
+
+
 def build_models(config_json: dict, device: torch.device, dtype: torch.dtype, with_hf: bool):
-    """transformers' model with random weights, and the engine's model sharing the very same tensors."""
+    """transformers' model with random weights, and the engine's model holding the very same values."""
     import transformers
 
     hf_config = transformers.LlamaConfig(**config_json)
     with torch.device("meta"):  # no memory, no slow initialisation: weights are drawn below, on the device
         hf = transformers.LlamaForCausalLM(hf_config)
     hf = hf.to(dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=generator)
+    randomize_(hf, device)
     with torch.device(device):  # to_empty left the rotary buffers uninitialised: build them afresh
         hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)
     hf.eval()
 
-    config = ModelConfig.from_hf_config(config_json)
-    with torch.device("meta"):
-        ours = Transformer(config)
-    ours = ours.to(dtype).to_empty(device=device)
-    ours.tie_weights()
-    ours.rope.reset_parameters()
+    ours = random_engine_model(ModelConfig.from_hf_config(config_json), device, dtype)
     targets = load_targets(ours)
-    with torch.no_grad():
+    with torch.no_grad():  # then take transformers' values, so that both compute the same function
         for name, tensor in hf.state_dict().items():
             engine_name = hf_to_engine_name(name)
             if engine_name in targets:
                 targets[engine_name].copy_(tensor)
-    if not with_hf:
-        del hf
-    return (hf if with_hf else None), ours.eval()
-
-
-def build_split_model(config_json: dict, device: torch.device, dtype: torch.dtype,
-                      tensor_parallel: TensorParallel) -> Transformer:
-    """This rank's part of a random model (no transformers: a 70B model does not fit on one GPU). Every rank
-    draws from the same seed, so the replicated weights (embeddings, norms, output) agree across ranks."""
-    config = ModelConfig.from_hf_config(config_json)
-    with torch.device("meta"):
-        model = Transformer(tensor_parallel.local_config(config))
-    model = model.to(dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=generator)
-    model.rope.reset_parameters()
-    tensor_parallel.attach(model)
-    return model.eval()
+    return (hf if with_hf else None), ours
 
 
 def time_ours(llm: Llama, prompts: list[list[int]], new_tokens: int, sampling: dict) -> float:
@@ -177,7 +174,8 @@ def main() -> None:
             parser.error("under torchrun only the engine is measured: --systems ours,ours-compiled")
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        hf, model = None, build_split_model(config_json, device, dtype, tensor_parallel)
+        hf = None
+        model = random_engine_model(ModelConfig.from_hf_config(config_json), device, dtype, tensor_parallel)
         if tensor_parallel.rank != 0:
             sys.stdout = open(os.devnull, "w")
     else:

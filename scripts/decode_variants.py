@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import copy_bandwidth, matmul_flops, random_engine_model  # noqa: E402
+
 from llama.config import ModelConfig  # noqa: E402
 from llama.generate import decode_step  # noqa: E402
 from llama.model import Transformer, reference_attention  # noqa: E402
@@ -34,17 +36,6 @@ def bench(fn, repeat: int = 50) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return sorted(times)[len(times) // 2]
-
-
-def random_model(config: ModelConfig) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to(torch.bfloat16).to_empty(device="cuda")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.rope.reset_parameters()
-    return model.eval()
 
 
 def reduction_gemv(model: Transformer) -> None:
@@ -98,17 +89,6 @@ def attention_variants(context: int) -> dict[str, float]:
     return {name: (seconds, kv_bytes / seconds / 1e9) for name, seconds in results.items()}
 
 
-def matmul_peak() -> float:
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * 8192**3 / bench(lambda: a @ b)
-
-
-def copy_bandwidth() -> float:
-    x = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 2 / bench(lambda: y.copy_(x))
-
-
 def prefill_efficiency(model: Transformer, tokens: int, peak_flops: float) -> tuple[float, float]:
     """Seconds for one prefill of `tokens` tokens, and the share of the measured matmul peak it reaches."""
     c = model.config
@@ -142,7 +122,7 @@ def long_generation(model: Transformer, context: int, new_tokens: int) -> dict:
 def main() -> None:
     torch._inductor.config.coordinate_descent_tuning = False
     config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
-    model = random_model(config)
+    model = random_engine_model(config, torch.device("cuda"), torch.bfloat16)
     weight_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if "embed" not in n)
     rows = {}
     rows["eager"] = step_time(model, 1, 384, None)
@@ -152,11 +132,11 @@ def main() -> None:
     rows["reduce-overhead + coordinate descent"] = step_time(model, 1, 384, "reduce-overhead")
     torch._inductor.config.coordinate_descent_tuning = False
     torch._dynamo.reset()
-    peak = matmul_peak()
+    peak = matmul_flops(torch.device("cuda"))
     seconds, share = prefill_efficiency(model, 8192, peak)
     print(f"prefill 8192 tokens: {seconds:.3f} s, {share:.0%} of the measured bf16 matmul peak "
           f"{peak / 1e12:.0f} TFLOP/s", flush=True)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(torch.device("cuda"))
     kv_bytes_per_position = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2
     for context in (32768, 131072 - 64):
         torch._dynamo.reset()

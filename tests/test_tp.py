@@ -6,6 +6,7 @@ Each rank must hold about half of the layer weights, and the split model must gi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -98,7 +99,7 @@ def test_meta_checkpoint_splits_too(tmp_path):
 
 
 def test_kv_heads_not_divisible_by_the_ranks_is_a_clear_error():
-    config = ModelConfig.from_file("configs/llama-3-8b.json").with_overrides(n_kv_heads=3, n_heads=24)
+    config = dataclasses.replace(ModelConfig.from_file("configs/llama-3-8b.json"), n_kv_heads=3, n_heads=24)
     with pytest.raises(ConfigError, match="num_key_value_heads=3 is not divisible by the 2 tensor-parallel ranks"):
         TensorParallel(rank=0, world_size=2).local_config(config)
 
