@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:  # (the download command never imports it)
+            from llama.tp import shutdown
+
+            shutdown()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ checkpoint's tensors are sliced as they are read (safetensors' `get_slice`), so 
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -96,6 +97,20 @@ def _all_reduce(module: torch.nn.Module, inputs: tuple[Tensor, ...], output: Ten
     from torch.distributed import _functional_collectives as funcol
 
     return funcol.all_reduce(output, "sum", dist.group.WORLD)
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined, so that a finished torchrun job exits.
+
+    CUDA graphs that captured NCCL all-reduces (`compile=True`) must be freed first: destroying the communicator
+    while such a graph is alive waits forever (pytorch/pytorch#115388)."""
+    if not dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch._dynamo.reset()  # drops the compiled decode step and its CUDA graph trees
+        gc.collect()
+    dist.destroy_process_group()
 
 
 def shared_seed(seed: int | None) -> int | None:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama.api import Llama  # noqa: E402
 from llama.config import ModelConfig  # noqa: E402
 from llama.model import Transformer  # noqa: E402
-from llama.tp import TensorParallel  # noqa: E402
+from llama.tp import TensorParallel, shutdown  # noqa: E402
 from llama.weights import hf_to_engine_name, load_targets  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--systems", default="hf,hf-static,ours,ours-compiled")
+    parser.add_argument("--modes", default="greedy,sample", help="greedy, and/or sample (T=0.8, top-k 200)")
     parser.add_argument("--varied", action="store_true", help="also batch 64 with prompt lengths 64..512")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
@@ -189,6 +190,13 @@ def main() -> None:
           f"{torch.__version__}, transformers {__import__('transformers').__version__}")
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s per device, bf16 matmul {flops / 1e12:.0f} TFLOP/s, "
           f"non-embedding weights read per device {weight_bytes / 1e9:.2f} GB -> batch-1 limit {limit:.1f} tok/s")
+    if tensor_parallel:  # the ideal split: every weight read once, by one of the devices, all reading at once
+        replicated = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                         if "norm" in n or n.startswith("lm_head"))
+        model_bytes = (weight_bytes - replicated) * ranks + replicated
+        print(f"whole model's non-embedding weights {model_bytes / 1e9:.2f} GB over {ranks} devices -> "
+              f"{ranks}-device limit {ranks * bandwidth / model_bytes:.1f} tok/s (ours, output matrix replicated: "
+              f"{limit:.1f})")
 
     generator = torch.Generator().manual_seed(0)
     vocab = config_json["vocab_size"]
@@ -207,8 +215,9 @@ def main() -> None:
         llm.eos_token_ids = []  # random weights: run every row the full length
 
     rows = []
-    for mode, sampling in [("greedy", {"temperature": 0.0, "top_k": None}),
-                           ("sample T=0.8 k=200", {"temperature": 0.8, "top_k": 200})]:
+    modes = {"greedy": ("greedy", {"temperature": 0.0, "top_k": None}),
+             "sample": ("sample T=0.8 k=200", {"temperature": 0.8, "top_k": 200})}
+    for mode, sampling in (modes[m] for m in args.modes.split(",")):
         for name, prompts in workloads:
             row = {"workload": name, "mode": mode}
             for system in systems:
@@ -236,6 +245,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "bandwidth": bandwidth, "flops": flops,
                                                "weight_bytes": weight_bytes}, indent=1))
+    shutdown()
 
 
 if __name__ == "__main__":
