@@ -15,6 +15,7 @@ checkpoint's tensors are sliced as they are read (safetensors' `get_slice`), so 
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 from dataclasses import dataclass, replace
@@ -51,6 +52,7 @@ class TensorParallel:
             return None
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            atexit.register(shutdown)  # we joined it, so we leave it
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return cls(dist.get_rank(), dist.get_world_size())
