@@ -1,20 +1,25 @@
 """Experiments behind the GPU fast path (notes in docs/benchmarks.md): time one decode step, and decode
 attention over a long cache, for several variants in one run.
 
-    python scripts/decode_variants.py
+    python scripts/decode_variants.py             # step time, prefill, long context, attention kernels
+    python scripts/decode_variants.py --batch1    # batch 1: each matrix-vector product, cuBLAS against Triton;
+                                                  # decode attention over a short cache; end-to-end variants
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import copy_bandwidth, matmul_flops, random_engine_model  # noqa: E402
+from bench import copy_bandwidth, matmul_flops, random_engine_model, time_ours  # noqa: E402
 
 from llama.config import ModelConfig  # noqa: E402
 from llama.generate import decode_step  # noqa: E402
@@ -119,7 +124,149 @@ def long_generation(model: Transformer, context: int, new_tokens: int) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def graph_time(fns: list, repeat: int = 10) -> float:
+    """Seconds per call of the callables in `fns`, each called once in turn, replayed from one CUDA graph (no
+    launch gaps between kernels of a few microseconds)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # warm-up outside the graph (Triton autotuning happens here)
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeat / len(fns)
+
+
+def gemv_variants(config: ModelConfig, bandwidth: float) -> dict:
+    """Each matrix-vector product of a batch-1 decode step, alone: cuBLAS (F.linear) against the Triton `gemv`.
+    Several copies of each matrix are cycled through, so that none is served from the 50 MB L2 cache."""
+    from llama.kernels import gemv
+
+    C, H, K, D, F_, V = (config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim,
+                         config.vocab_size)
+    shapes = {"qkv_proj": ((H + 2 * K) * D, C), "o_proj": (C, H * D), "gate_up_proj": (2 * F_, C),
+              "down_proj": (C, F_), "lm_head": (V, C)}
+    per_step = {"qkv_proj": config.n_layers, "o_proj": config.n_layers, "gate_up_proj": config.n_layers,
+                "down_proj": config.n_layers, "lm_head": 1}
+    totals = {"cublas": 0.0, "triton": 0.0, "floor": 0.0}
+    for name, (N, Kdim) in shapes.items():
+        copies = max(2, math.ceil(256e6 / (N * Kdim * 2)))
+        ws = [torch.randn(N, Kdim, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, Kdim, device="cuda", dtype=torch.bfloat16)
+        error = ((gemv(x[0], ws[0]).float() - (x.float() @ ws[0].float().T)[0]).abs().max()
+                 / (x.float() @ ws[0].float().T).abs().max()).item()
+        cublas = graph_time([lambda w=w: F.linear(x, w) for w in ws])
+        triton = graph_time([lambda w=w: gemv(x[0], w) for w in ws])
+        floor = N * Kdim * 2 / bandwidth
+        for key, value in (("cublas", cublas), ("triton", triton), ("floor", floor)):
+            totals[key] += value * per_step[name]
+        print(f"gemv {name:12s} {N:6d} x {Kdim:5d} | cuBLAS {cublas * 1e6:7.1f} us {N * Kdim * 2 / cublas / 1e9:5.0f} "
+              f"GB/s | Triton {triton * 1e6:7.1f} us {N * Kdim * 2 / triton / 1e9:5.0f} GB/s | copy-rate floor "
+              f"{floor * 1e6:6.1f} us | Triton max rel. error {error:.1e}", flush=True)
+        del ws
+    print(f"gemv per step (32 layers + lm_head): cuBLAS {totals['cublas'] * 1e3:.3f} ms, Triton "
+          f"{totals['triton'] * 1e3:.3f} ms, floor {totals['floor'] * 1e3:.3f} ms", flush=True)
+    return totals
+
+
+def short_attention_variants(config: ModelConfig, cache_len: int = 1024, position: int = 384) -> dict:
+    """Decode attention of one layer at batch 1 over a short static cache (as `bench.py` runs it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, K, D = config.n_heads, config.n_kv_heads, config.head_dim
+    qs = [torch.randn(1, H, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+    k, v = (torch.randn(1, K, cache_len, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = (torch.arange(cache_len, device="cuda") <= position).view(1, 1, 1, cache_len)
+    results = {}
+    for name, backend in (("sdpa default", None), ("sdpa efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa math", SDPBackend.MATH)):
+        def call(q, backend=backend):
+            if backend is None:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        try:
+            results[name] = graph_time([lambda q=q: call(q) for q in qs])
+        except Exception as e:
+            print(f"attention {name}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    reference = torch.compile(reference_attention)
+    results["reference, compiled"] = graph_time([lambda q=q: reference(q, k, v, mask) for q in qs])
+    for name, seconds in results.items():
+        print(f"attention, one layer, cache {cache_len}, position {position} | {name:20s} | "
+              f"{seconds * 1e6:6.1f} us | x {config.n_layers} layers = {seconds * config.n_layers * 1e3:.3f} ms",
+              flush=True)
+    return results
+
+
+def batch1(model: Transformer, config: ModelConfig) -> None:
+    """Where the batch-1 decode step spends its time beyond reading the weights, and end-to-end variants
+    measured as `bench.py` measures them (prompt 128, 256 new tokens, cache of 1024 positions)."""
+    from llama.api import Llama
+    from llama.kernels import use_triton_gemv
+
+    torch._inductor.config.coordinate_descent_tuning = True
+    bandwidth = copy_bandwidth(torch.device("cuda"))
+    weight_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if "embed" not in n)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB -> batch-1 limit "
+          f"{bandwidth / weight_bytes:.1f} tok/s", flush=True)
+    gemv_variants(config, bandwidth)
+    short_attention_variants(config)
+
+    prompt = [torch.randint(0, 1000, (128,), generator=torch.Generator().manual_seed(0)).tolist()]
+    modes = {"greedy": {"temperature": 0.0, "top_k": None}, "sample": {"temperature": 0.8, "top_k": 200}}
+    variants = [("baseline (cuBLAS, SDPA)", False, "sdpa"), ("Triton gemv, SDPA", True, "sdpa"),
+                ("Triton gemv, reference attention", True, "reference"),
+                ("cuBLAS, reference attention", False, "reference")]
+    token = torch.tensor([[7]], device="cuda")
+    results = {}
+    for name, triton_gemv, attention in variants:
+        start = time.perf_counter()
+        try:
+            if triton_gemv:
+                use_triton_gemv(model)
+            model.set_attention(attention)
+            torch._dynamo.reset()
+            llm = Llama(model, max_seq_len=1024, compile=True)
+            llm.eos_token_ids = []
+            row = {m: time_ours(llm, prompt, 256, sampling) for m, sampling in modes.items()}
+            with torch.inference_mode():  # the compiled step's logits against the eager reference step
+                logits = llm._decode_step(model, token, torch.tensor([[200]], device="cuda")).float()
+                for module in model.modules():
+                    module.__dict__.pop("forward", None)
+                model.set_attention("sdpa")
+                reference = decode_step(model, token, torch.tensor([[200]], device="cuda")).float()
+            row["rel_error_vs_eager"] = ((logits - reference).norm() / reference.norm()).item()
+            llm._release_cache()
+        except Exception as e:
+            print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            row = {}
+        for module in model.modules():
+            module.__dict__.pop("forward", None)
+        results[name] = row
+        print(f"end to end, batch 1 | {name:34s} | {json.dumps(row)} | {time.perf_counter() - start:.0f} s",
+              flush=True)
+    model.set_attention("sdpa")
+    print(json.dumps(results))
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch1", action="store_true", help="only the batch-1 experiments")
+    args = parser.parse_args()
+    if args.batch1:
+        config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
+        batch1(random_engine_model(config, torch.device("cuda"), torch.bfloat16), config)
+        return
     torch._inductor.config.coordinate_descent_tuning = False
     config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
     model = random_engine_model(config, torch.device("cuda"), torch.bfloat16)
