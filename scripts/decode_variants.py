@@ -150,7 +150,7 @@ def graph_time(fns: list, repeat: int = 10) -> float:
 def gemv_variants(config: ModelConfig, bandwidth: float) -> dict:
     """Each matrix-vector product of a batch-1 decode step, alone: cuBLAS (F.linear) against the Triton `gemv`.
     Several copies of each matrix are cycled through, so that none is served from the 50 MB L2 cache."""
-    from llama.kernels import gemv
+    from triton_gemv import gemv
 
     C, H, K, D, F_, V = (config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim,
                          config.vocab_size)
@@ -208,54 +208,99 @@ def short_attention_variants(config: ModelConfig, cache_len: int = 1024, positio
     return results
 
 
+def one_row_linears(model: Transformer, op) -> None:
+    """Variant: every Linear sends a one-row input through `op(x [K], weight [N, K]) -> [N]` (no biases here)."""
+    def forward(self, x):
+        if x.numel() != self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        return op(x.reshape(-1), self.weight).view(*x.shape[:-1], self.out_features)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = forward.__get__(module, torch.nn.Linear)
+
+
+def profile_step(llm, model: Transformer, steps: int = 16) -> None:
+    """The kernels of the compiled decode step as replayed (cache of 1024 positions, position 200)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    token, position = torch.tensor([[7]], device="cuda"), torch.tensor([[200]], device="cuda")
+    with torch.inference_mode():
+        for _ in range(3):
+            llm._decode_step(model, token, position)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                llm._decode_step(model, token, position)
+            torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) / steps
+    print(f"  kernels per step: {sum(e.count for e in events) / steps:.0f}, device time {total:.0f} us", flush=True)
+    for e in events[:12]:
+        print(f"  {e.self_device_time_total / steps:8.1f} us/step  {e.count / steps:5.1f} x  {e.key[:90]}", flush=True)
+
+
 def batch1(model: Transformer, config: ModelConfig) -> None:
     """Where the batch-1 decode step spends its time beyond reading the weights, and end-to-end variants
     measured as `bench.py` measures them (prompt 128, 256 new tokens, cache of 1024 positions)."""
+    import triton
+    from triton_gemv import _gemv_kernel, gemv
+
     from llama.api import Llama
-    from llama.kernels import use_triton_gemv
 
     torch._inductor.config.coordinate_descent_tuning = True
     bandwidth = copy_bandwidth(torch.device("cuda"))
     weight_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if "embed" not in n)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB -> batch-1 limit "
           f"{bandwidth / weight_bytes:.1f} tok/s", flush=True)
-    gemv_variants(config, bandwidth)
+    gemv_variants(config, bandwidth)  # (autotunes `gemv` for every shape, on cold L2)
     short_attention_variants(config)
+
+    chosen = {key[:2]: config for key, config in _gemv_kernel.cache.items()}  # (N, K) -> best Config
+    for (N, K), c in chosen.items():
+        print(f"gemv {N} x {K}: eager autotuning chose {c}", flush=True)
+
+    @torch.library.triton_op("llama_experiments::gemv_fixed", mutates_args=())
+    def gemv_fixed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`gemv` with the configuration chosen above, so that nothing is tuned inside the compiled graph."""
+        N, K = weight.shape
+        c = chosen[(N, K)]
+        y = x.new_empty(N)
+        torch.library.wrap_triton(_gemv_kernel.fn)[(triton.cdiv(N, c.kwargs["BLOCK_N"]),)](
+            x, weight, y, N, K, weight.stride(0), **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        return y
 
     prompt = [torch.randint(0, 1000, (128,), generator=torch.Generator().manual_seed(0)).tolist()]
     modes = {"greedy": {"temperature": 0.0, "top_k": None}, "sample": {"temperature": 0.8, "top_k": 200}}
-    variants = [("baseline (cuBLAS, SDPA)", False, "sdpa"), ("Triton gemv, SDPA", True, "sdpa"),
-                ("Triton gemv, reference attention", True, "reference"),
-                ("cuBLAS, reference attention", False, "reference")]
+    variants = [("baseline (cuBLAS)", None), ("Triton gemv, fixed configs", gemv_fixed),
+                ("Triton gemv, autotuned", gemv)]
     token = torch.tensor([[7]], device="cuda")
     results = {}
-    for name, triton_gemv, attention in variants:
+    for name, op in variants:
         start = time.perf_counter()
+        row = {}
         try:
-            if triton_gemv:
-                use_triton_gemv(model)
-            model.set_attention(attention)
+            if op is not None:
+                one_row_linears(model, op)
             torch._dynamo.reset()
             llm = Llama(model, max_seq_len=1024, compile=True)
             llm.eos_token_ids = []
             row = {m: time_ours(llm, prompt, 256, sampling) for m, sampling in modes.items()}
+            print(f"end to end, batch 1 | {name:28s} | {json.dumps(row)} | {time.perf_counter() - start:.0f} s",
+                  flush=True)
+            profile_step(llm, model)
             with torch.inference_mode():  # the compiled step's logits against the eager reference step
                 logits = llm._decode_step(model, token, torch.tensor([[200]], device="cuda")).float()
                 for module in model.modules():
                     module.__dict__.pop("forward", None)
-                model.set_attention("sdpa")
                 reference = decode_step(model, token, torch.tensor([[200]], device="cuda")).float()
             row["rel_error_vs_eager"] = ((logits - reference).norm() / reference.norm()).item()
             llm._release_cache()
         except Exception as e:
             print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            row = {}
         for module in model.modules():
             module.__dict__.pop("forward", None)
         results[name] = row
-        print(f"end to end, batch 1 | {name:34s} | {json.dumps(row)} | {time.perf_counter() - start:.0f} s",
-              flush=True)
-    model.set_attention("sdpa")
     print(json.dumps(results))
 
 
