@@ -1,8 +1,8 @@
 """A hand-written matrix-vector product in Triton: the batch-1 experiment of `decode_variants.py --batch1`.
 
-Not used by the engine. Alone, it takes 4-16% less time than cuBLAS's GEMV on an H100 (each Llama-3.1-8B shape); inside the
-compiled decode step it is no faster than what Inductor already generates there (a GEMV reduction with the
-RMSNorm before it fused in), so the engine keeps Inductor's. Numbers in docs/benchmarks.md.
+Not used by the engine. Alone, it takes 4-16% less time than cuBLAS's GEMV on an H100 (each Llama-3.1-8B
+shape); inside the compiled decode step it is no faster than what Inductor already generates there (a GEMV
+reduction with the RMSNorm before it fused in), so the engine keeps Inductor's. Numbers in docs/benchmarks.md.
 
 Each program owns BLOCK_N rows of W, walks along K in BLOCK_K-wide tiles, multiplies them by the matching piece
 of x and keeps float32 partial sums, reduced once at the end.
