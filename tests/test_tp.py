@@ -21,7 +21,7 @@ from conftest import official_config, reference_logits, relative_error, shrink, 
 
 import llama
 from llama.config import ConfigError, ModelConfig
-from llama.tp import TensorParallel
+from llama.tp import TensorParallel, shutdown
 
 PROMPTS = [[5, 9, 33, 7], [7, 8, 100, 101, 102, 103, 104, 3, 11], [250]]
 TOKENS = [[5, 9, 33, 7, 1, 2, 3, 4, 200, 201, 17, 19], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
@@ -44,8 +44,9 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
         "sampled": [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=10, temperature=1.0)],
         "layer_numel": sum(p.numel() for n, p in llm.model.named_parameters() if n.startswith("layers.")),
     }
+    shutdown()  # what the CLI (and, at exit, the engine) does: leave the group the engine joined
+    result["left_group"] = not dist.is_initialized()
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def run_two_ranks(folder, tmp_path):
@@ -71,6 +72,7 @@ def test_two_ranks_equal_one_process_and_transformers(checkpoint, tmp_path):
         assert relative_error(result["logits"], reference_logits(reference, torch.tensor(TOKENS))) < 1e-4
         assert result["greedy"] == [r.token_ids for r in single.generate(PROMPTS, max_new_tokens=10)]
     assert ranks[0]["sampled"] == ranks[1]["sampled"]
+    assert all(result["left_group"] for result in ranks)
 
 
 def test_each_rank_holds_about_half_of_the_layer_weights(checkpoint, tmp_path):
