@@ -37,7 +37,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLO
     tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-@torch.library.triton_op("llama::gemv", mutates_args=())
+@torch.library.triton_op("llama_experiments::gemv", mutates_args=())
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
     """x [K] (contiguous), weight [N, K] (rows contiguous) -> W x [N], accumulated in float32."""
     N, K = weight.shape
