@@ -43,19 +43,29 @@ def bench(fn, repeat: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def reduction_gemv(model: Transformer) -> None:
-    """Variant: when one token per row is decoded, write each Linear as a multiply-and-sum, so that Inductor
-    generates the matrix-vector kernel itself instead of calling cuBLAS."""
+def one_row_linears(model: Transformer, op) -> None:
+    """Variant: every Linear sends a one-row input through `op(x [K], weight [N, K]) -> [N]`; other inputs (prefill,
+    batches) still go to `F.linear`. Undo with `restore_linears`."""
+    def forward(self, x):
+        if x.numel() != self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        y = op(x.reshape(-1), self.weight).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.forward = gemv_forward.__get__(module, torch.nn.Linear)
+            module.forward = forward.__get__(module, torch.nn.Linear)
 
 
-def gemv_forward(self, x):
-    if x.shape[-2] != 1:
-        return F.linear(x, self.weight, self.bias)
-    out = (x.unsqueeze(-2) * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)
-    return out if self.bias is None else out + self.bias
+def restore_linears(model: Transformer) -> None:
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
+
+
+def multiply_and_sum(x, weight):
+    """W x written out as a broadcast multiply and a float32 sum: Inductor fuses it as it likes (the variant was
+    slower than leaving the matmul to Inductor; docs/benchmarks.md)."""
+    return (x * weight).sum(-1, dtype=torch.float32).to(x.dtype)
 
 
 def step_time(model: Transformer, batch: int, cache_len: int, compile_mode: str | None) -> float:
@@ -156,8 +166,6 @@ def gemv_variants(config: ModelConfig, bandwidth: float) -> dict:
                          config.vocab_size)
     shapes = {"qkv_proj": ((H + 2 * K) * D, C), "o_proj": (C, H * D), "gate_up_proj": (2 * F_, C),
               "down_proj": (C, F_), "lm_head": (V, C)}
-    per_step = {"qkv_proj": config.n_layers, "o_proj": config.n_layers, "gate_up_proj": config.n_layers,
-                "down_proj": config.n_layers, "lm_head": 1}
     totals = {"cublas": 0.0, "triton": 0.0, "floor": 0.0}
     for name, (N, Kdim) in shapes.items():
         copies = max(2, math.ceil(256e6 / (N * Kdim * 2)))
@@ -169,7 +177,7 @@ def gemv_variants(config: ModelConfig, bandwidth: float) -> dict:
         triton = graph_time([lambda w=w: gemv(x[0], w) for w in ws])
         floor = N * Kdim * 2 / bandwidth
         for key, value in (("cublas", cublas), ("triton", triton), ("floor", floor)):
-            totals[key] += value * per_step[name]
+            totals[key] += value * (1 if name == "lm_head" else config.n_layers)
         print(f"gemv {name:12s} {N:6d} x {Kdim:5d} | cuBLAS {cublas * 1e6:7.1f} us {N * Kdim * 2 / cublas / 1e9:5.0f} "
               f"GB/s | Triton {triton * 1e6:7.1f} us {N * Kdim * 2 / triton / 1e9:5.0f} GB/s | copy-rate floor "
               f"{floor * 1e6:6.1f} us | Triton max rel. error {error:.1e}", flush=True)
@@ -206,18 +214,6 @@ def short_attention_variants(config: ModelConfig, cache_len: int = 1024, positio
               f"{seconds * 1e6:6.1f} us | x {config.n_layers} layers = {seconds * config.n_layers * 1e3:.3f} ms",
               flush=True)
     return results
-
-
-def one_row_linears(model: Transformer, op) -> None:
-    """Variant: every Linear sends a one-row input through `op(x [K], weight [N, K]) -> [N]` (no biases here)."""
-    def forward(self, x):
-        if x.numel() != self.in_features:
-            return F.linear(x, self.weight, self.bias)
-        return op(x.reshape(-1), self.weight).view(*x.shape[:-1], self.out_features)
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.forward = forward.__get__(module, torch.nn.Linear)
 
 
 def profile_step(llm, model: Transformer, steps: int = 16) -> None:
@@ -291,15 +287,13 @@ def batch1(model: Transformer, config: ModelConfig) -> None:
             profile_step(llm, model)
             with torch.inference_mode():  # the compiled step's logits against the eager reference step
                 logits = llm._decode_step(model, token, torch.tensor([[200]], device="cuda")).float()
-                for module in model.modules():
-                    module.__dict__.pop("forward", None)
+                restore_linears(model)
                 reference = decode_step(model, token, torch.tensor([[200]], device="cuda")).float()
             row["rel_error_vs_eager"] = ((logits - reference).norm() / reference.norm()).item()
             llm._release_cache()
         except Exception as e:
             print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        for module in model.modules():
-            module.__dict__.pop("forward", None)
+        restore_linears(model)
         results[name] = row
     print(json.dumps(results))
 
@@ -340,7 +334,7 @@ def main() -> None:
         torch._dynamo.reset()
         rows[f"reduce-overhead, batch {batch}"] = step_time(model, batch, 384, "reduce-overhead") / batch
     torch._dynamo.reset()
-    reduction_gemv(model)
+    one_row_linears(model, multiply_and_sum)
     torch._inductor.config.coordinate_descent_tuning = True
     rows["multiply-and-sum GEMV + coordinate descent"] = step_time(model, 1, 384, "reduce-overhead")
     for name, seconds in rows.items():
