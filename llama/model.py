@@ -224,8 +224,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * D, C, bias=bias)
         self.cache: KVCache | None = None
         self.implementation = "sdpa"
+        self.decode_kernel = None  # the compiled GPU path sets kernels.decode_attention (same function as SDPA)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -240,15 +241,22 @@ class Attention(nn.Module):
                 self.cache.update(input_pos, k, v)
             out = attend(q, k, v, None)  # [B, H, T, D]
         else:
-            # A decode step: the new token of row b (at input_pos[b]) sees cache slots 0..input_pos[b].
+            # A decode step: the new token of row b (at input_pos[b]) sees the cache slots that `mask` allows.
             k_all, v_all = self.cache.update(input_pos, k, v)  # [B, K, S, D]
-            slots = torch.arange(k_all.shape[2], device=x.device)
-            mask = (slots <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, T, S]
-            out = attend(q, k_all, v_all, mask)  # [B, H, T, D]
+            if self.decode_kernel is not None:  # the same function, from the positions instead of the mask
+                out = self.decode_kernel(q, k_all, v_all, input_pos)  # [B, H, T, D]
+            else:
+                out = attend(q, k_all, v_all, mask)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 # ---------------------------------------------------------------------------- SwiGLU MLP
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """[..., 2F] (gate, then up) -> silu(gate) * up [..., F]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """out = down( silu(gate(x)) * up(x) ),  silu(z) = z * sigmoid(z).  C -> F -> C.
 
@@ -259,10 +267,10 @@ class SwiGLU(nn.Module):
         C, F_, bias = config.dim, config.ffn_dim, config.mlp_bias
         self.gate_up_proj = nn.Linear(C, 2 * F_, bias=bias)
         self.down_proj = nn.Linear(F_, C, bias=bias)
+        self.silu_mul = silu_mul  # the compiled GPU path swaps in kernels.silu_mul: same function, own kernel
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, T, F] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.silu_mul(self.gate_up_proj(x)))  # [B, T, 2F] -> [B, T, F] -> [B, T, C]
 
 
 # ---------------------------------------------------------------------------- Block and model
@@ -276,8 +284,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -312,10 +320,15 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         else:
             positions = input_pos = input_pos.expand(B, T)  # [B, T]
+        mask = None
+        cache = self.layers[0].attention.cache
+        if cache is not None and T == 1:  # a decode step: row b sees cache slots 0..input_pos[b], in every layer
+            slots = torch.arange(cache.k.shape[2], device=tokens.device)
+            mask = (slots <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, 1, S]
         x = self.embed_tokens(tokens)  # [B, T, C]
         cos, sin = self.rope(positions, x.dtype)  # [B, T, D] each
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos)
+            x = layer(x, cos, sin, input_pos, mask)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]  # [B, C]
         return self.lm_head(self.norm(x))  # [B, T, V] or [B, V]
@@ -333,9 +346,21 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
+    def use_triton_kernels(self, enabled: bool = True) -> None:
+        """The compiled GPU path: SwiGLU's product gets a Triton kernel of its own, and a decode step's attention
+        a flash-decoding kernel (kernels.py says why); the same functions as without them. `set_attention`
+        turns the decode kernel off again."""
+        if enabled:
+            from llama.kernels import decode_attention
+            from llama.kernels import silu_mul as silu_mul_kernel
+        for layer in self.layers:
+            layer.mlp.silu_mul = silu_mul_kernel if enabled else silu_mul
+            layer.attention.decode_kernel = decode_attention if enabled else None
+
     def set_attention(self, implementation: str) -> None:
         """"sdpa" (fused kernel, default) or "reference" (the same math in plain PyTorch)."""
         if implementation not in ATTENTION:
             raise ValueError(f"attention implementation {implementation!r}: choose from {sorted(ATTENTION)}")
         for layer in self.layers:
             layer.attention.implementation = implementation
+            layer.attention.decode_kernel = None

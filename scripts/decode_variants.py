@@ -4,6 +4,8 @@ attention over a long cache, for several variants in one run.
     python scripts/decode_variants.py             # step time, prefill, long context, attention kernels
     python scripts/decode_variants.py --batch1    # batch 1: each matrix-vector product, cuBLAS against Triton;
                                                   # decode attention over a short cache; end-to-end variants
+    python scripts/decode_variants.py --timeline OUT  # batch 1: every kernel of one generate call, with its start
+                                                  # and duration (OUT/timeline_MODE.json.gz)
 """
 
 from __future__ import annotations
@@ -298,10 +300,52 @@ def batch1(model: Transformer, config: ModelConfig) -> None:
     print(json.dumps(results))
 
 
+def timeline(model: Transformer, out: Path) -> None:
+    """Batch 1 as `bench.py` runs it (prompt 128, 256 new tokens, `compile=True`): tok/s, then one more generate
+    call under the profiler. Every GPU activity of that call (kernels, copies, memsets) goes to
+    OUT/timeline_MODE.json.gz as [name, start us, duration us], to be read on another machine."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from llama.api import Llama
+
+    out.mkdir(parents=True, exist_ok=True)
+    prompt = [torch.randint(0, 1000, (128,), generator=torch.Generator().manual_seed(0)).tolist()]
+    modes = {"greedy": {"temperature": 0.0, "top_k": None}, "sample": {"temperature": 0.8, "top_k": 200}}
+    llm = Llama(model, max_seq_len=1024, compile=True)
+    llm.eos_token_ids = []
+    for mode, sampling in modes.items():
+        tok_s = time_ours(llm, prompt, 256, sampling)
+        s = llm.stats
+        print(f"timeline {mode}: {tok_s:.1f} tok/s; first token after {s.prefill_seconds * 1e3:.1f} ms, then "
+              f"{s.decode_seconds / (s.new_tokens - 1) * 1e3:.3f} ms per token", flush=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            llm.generate(prompt, max_new_tokens=256, **sampling)
+            torch.cuda.synchronize()
+        path = out / f"trace_{mode}.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+        path.unlink()
+        gpu = sorted(([e["name"], e["ts"], e["dur"]] for e in events
+                      if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e[1])
+        with gzip.open(out / f"timeline_{mode}.json.gz", "wt") as f:
+            json.dump(gpu, f)
+        busy = sum(e[2] for e in gpu)
+        span = gpu[-1][1] + gpu[-1][2] - gpu[0][1]
+        print(f"timeline {mode}: {len(gpu)} GPU activities, busy {busy / 1e3:.2f} ms of {span / 1e3:.2f} ms",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch1", action="store_true", help="only the batch-1 experiments")
+    parser.add_argument("--timeline", type=Path, help="only the batch-1 timeline, written to this folder")
     args = parser.parse_args()
+    if args.timeline:
+        config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
+        timeline(random_engine_model(config, torch.device("cuda"), torch.bfloat16), args.timeline)
+        return
     if args.batch1:
         config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
         batch1(random_engine_model(config, torch.device("cuda"), torch.bfloat16), config)

@@ -57,7 +57,9 @@ def main() -> int:
     eager = Llama.from_pretrained(folder, device="cuda", dtype=torch.bfloat16, progress=False)
     compiled = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
     eager_steps = cached_logits(eager, tokens, 32, decode_step)
+    eager.model.use_triton_kernels()  # as `compile=True` on a GPU does
     compiled_steps = cached_logits(eager, tokens, 32, compiled)
+    eager.model.use_triton_kernels(False)
     errors = {
         "transformers bf16": relative_error(hf_bf16, fp32),
         "engine bf16, full forward": relative_error(eager.logits(tokens), fp32),
@@ -81,10 +83,10 @@ def main() -> int:
           f"(transformers' own bf16 max error on these logits: {noise:.4f})")
     ok &= bool((margin[differ] <= noise).all())
     eager.eos_token_ids = []
-    fast = Llama(eager.model, compile=True)
-    fast.eos_token_ids = []
     prompts = tokens[:, :64].tolist()
     greedy_eager = [r.token_ids for r in eager.generate(prompts, max_new_tokens=64)]
+    fast = Llama(eager.model, compile=True)  # (compiles the same model's layers in place: eager runs first)
+    fast.eos_token_ids = []
     greedy_compiled = [r.token_ids for r in fast.generate(prompts, max_new_tokens=64)]
     # Random weights give nearly flat next-token distributions, so bf16 rounding differences between two
     # kernel choices can flip a near-tie; report where each row first diverges rather than only pass/fail.
