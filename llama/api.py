@@ -75,9 +75,8 @@ class Llama:
                  max_batch_size: int | None = None, eos_token_ids: Sequence[int] = (), compile: bool = False,
                  config: ModelConfig | None = None):
         self.model = model  # under tensor parallelism, this rank's part (model.config: its local shape)
-        self._decode_step = decode_step
+        self._decode_step = compiled_decode_step() if compile else decode_step
         if compile:
-            self._decode_step = compiled_decode_step()
             compile_layers_for_prefill(model)
             if model.embed_tokens.weight.is_cuda:
                 model.use_triton_kernels()

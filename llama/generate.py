@@ -74,10 +74,8 @@ def apply_min_p(logits: Tensor, min_p: float) -> Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def sample(logits: Tensor, params: SamplingParams, seen: Tensor | None, generator: torch.Generator | None = None,
-           noise: Tensor | None = None) -> Tensor:
-    """logits [B, V] (float32) -> next tokens [B], without a host synchronisation. `noise` [B, V]: Exp(1) draws
-    made by the caller (a compiled graph cannot take a torch.Generator); otherwise drawn here from `generator`."""
+def sample(logits: Tensor, params: SamplingParams, seen: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    """logits [B, V] (float32) -> next tokens [B], without a host synchronisation."""
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
@@ -92,7 +90,7 @@ def sample(logits: Tensor, params: SamplingParams, seen: Tensor | None, generato
     probs = logits.softmax(dim=-1)
     # argmax(p_i / E_i) with E_i ~ Exp(1) draws index i with probability p_i (the "exponential race"); unlike
     # torch.multinomial it needs no host synchronisation on a GPU.
-    race = noise if noise is not None else torch.empty_like(probs).exponential_(1, generator=generator)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / race).argmax(dim=-1)
 
 

@@ -123,12 +123,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, position: Tensor) -> Tenso
     """Attention of one new token per row over the cache, split across the GPU (flash-decoding): the cache is cut
     into splits so that even one row keeps every SM busy, each split reduces with an online softmax, and a second
     kernel combines the splits. q: [B, H, 1, D]; k, v: [B, K, S, D] (each kv head read once for its G query
-    heads, no copies); position: [B, 1], row b sees slots 0..position[b] (no mask tensor: slots past it are not
-    even read). The same function as `sdpa_attention` with the decode mask; other shapes go to SDPA."""
-    from llama.model import sdpa_attention
-
-    B, H, T, D = q.shape
-    if T == 1 and D in (64, 128, 256) and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride() == k.stride():
-        return _decode_attention(q, k, v, position.reshape(B).contiguous())
-    mask = (torch.arange(k.shape[2], device=q.device) <= position.reshape(B, 1, 1, 1))  # [B, 1, 1, S]
-    return sdpa_attention(q, k, v, mask)
+    heads, no copies; D a power of two, >= 16); position: [B, 1], row b sees slots 0..position[b] (no mask
+    tensor: slots past it are not even read). The same function as `sdpa_attention` with the decode mask."""
+    assert q.shape[2] == 1 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride() == k.stride()
+    return _decode_attention(q, k, v, position.reshape(q.shape[0]).contiguous())

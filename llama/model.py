@@ -348,14 +348,16 @@ class Transformer(nn.Module):
 
     def use_triton_kernels(self, enabled: bool = True) -> None:
         """The compiled GPU path: SwiGLU's product gets a Triton kernel of its own, and a decode step's attention
-        a flash-decoding kernel (kernels.py says why); the same functions as without them. `set_attention`
-        turns the decode kernel off again."""
+        a flash-decoding kernel when the head dim is a power of two (kernels.py says why); the same functions as
+        without them. `set_attention` turns the decode kernel off again."""
         if enabled:
             from llama.kernels import decode_attention
             from llama.kernels import silu_mul as silu_mul_kernel
+        D = self.config.head_dim
+        attention_kernel = decode_attention if enabled and D >= 16 and D & (D - 1) == 0 else None
         for layer in self.layers:
             layer.mlp.silu_mul = silu_mul_kernel if enabled else silu_mul
-            layer.attention.decode_kernel = decode_attention if enabled else None
+            layer.attention.decode_kernel = attention_kernel
 
     def set_attention(self, implementation: str) -> None:
         """"sdpa" (fused kernel, default) or "reference" (the same math in plain PyTorch)."""

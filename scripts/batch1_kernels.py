@@ -5,8 +5,7 @@ weight is served from the 50 MB L2 cache), in the variants compared in docs/benc
 
 1. down(silu(gate) * up): eager (cuBLAS), Inductor fusing silu into its matrix-vector kernel (what `compile=True`
    generated before kernels.silu_mul), and Inductor given the product already in memory.
-2. Decode attention of one layer: SDPA (cuDNN) against the Triton `decode_attention`.
-3. The sampler on [1, 128256] logits, eager and compiled.
+2. Decode attention of one layer: SDPA (cuDNN) against the Triton `decode_attention` (`--attention`: this alone).
 """
 
 from __future__ import annotations
@@ -21,10 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import copy_bandwidth  # noqa: E402
 from decode_variants import graph_time  # noqa: E402
 
-from llama.generate import SamplingParams, sample  # noqa: E402
-
-C, F_, H, K, D, V = 4096, 14336, 32, 8, 128, 128256  # Llama-3.1-8B
-S, POSITION = 384, 300  # cache length and position, as bench.py's batch-1 run
+C, F_, H, K, D = 4096, 14336, 32, 8, 128  # Llama-3.1-8B
 dev, bf16 = torch.device("cuda"), torch.bfloat16
 
 
@@ -82,22 +78,6 @@ def attention_variants(bandwidth: float) -> None:
               f"{kv_bytes / bandwidth * 1e6:6.1f} us", flush=True)
 
 
-def sampler_variants() -> None:
-    logits = [torch.randn(1, V, device=dev, dtype=bf16) * 3 for _ in range(4)]
-    noise = torch.empty(1, V, device=dev).exponential_()
-    for name, params in (("greedy", SamplingParams()), ("T=0.8 top-k 200", SamplingParams(0.8, 200))):
-        def eager(lg, params=params):
-            return sample(lg.float(), params, None, None)
-
-        def with_noise(lg, params=params):
-            return sample(lg.float(), params, None, None, noise=noise)
-
-        compiled = torch.compile(with_noise, fullgraph=True)
-        for variant, fn in (("eager", eager), ("compiled", compiled)):
-            seconds = graph_time([lambda lg=lg: fn(lg) for lg in logits], repeat=20)
-            print(f"sampler {name:16s} {variant:8s} {seconds * 1e6:6.1f} us", flush=True)
-
-
 def main() -> None:
     torch._inductor.config.coordinate_descent_tuning = True  # as `compile=True` sets it
     bandwidth = copy_bandwidth(dev)
@@ -108,8 +88,6 @@ def main() -> None:
             part(bandwidth)
         except Exception as e:  # report and go on: one failing experiment must not hide the others
             print(f"{part.__name__}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-    if "--sampler" in sys.argv:
-        sampler_variants()
 
 
 if __name__ == "__main__":
