@@ -8,7 +8,9 @@ silu_mul          silu(gate) * up, written to memory by a kernel of its own. Lef
                   is materialised (28 KB at batch 1, 1.2 us).
 decode_attention  one query token per row against the KV cache, flash-decoding style, reading only slots up to
                   each row's position: 3.3 us + 1.6 us (combine) per layer at the benchmark's batch 1, against
-                  7.7 us for cuDNN through SDPA plus 1 us for the mask it needs.
+                  7.7 us for cuDNN through SDPA plus 1 us for the mask it needs. It also rotates the new query
+                  and key and writes the new key and value into the cache, which Inductor did in three kernels
+                  of 1.1-2.3 us each.
 """
 
 from __future__ import annotations
@@ -44,23 +46,49 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------- decode attention
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
-                             stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, S, split_len, scale,
+def _rotate(x_ptr, rows, row_ok, d, c, s, D: tl.constexpr):
+    """RoPE on rows of D features at x_ptr + rows * D: x cos + rotate_half(x) sin, in float32 (as Inductor fuses
+    `apply_rope`), where rotate_half(x)[j] = -x[j + D/2] for j < D/2, else x[j - D/2]."""
+    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    partner = tl.load(x_ptr + rows[:, None] * D + ((d + D // 2) % D)[None, :], mask=row_ok[:, None],
+                      other=0.0).to(tl.float32)
+    rotated_half = tl.where(d[None, :] < D // 2, -partner, partner)
+    return x * c[None, :] + rotated_half * s[None, :]
+
+
+@triton.jit
+def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
+                             stride_qkv, stride_kb, stride_kh, stride_ks, S, split_len, scale,
                              N_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                              BLOCK_S: tl.constexpr, SINGLE: tl.constexpr):
     """Program (b * N_KV + kv head, split): the G query heads of one kv head against one split of the cache slots
-    0..pos[b], with an online softmax over BLOCK_S slots at a time. One split: the normalised output; several:
-    float32 partial sums plus the running max and sum of each head, combined by `_combine_kernel`."""
+    0..pos[b], with an online softmax over BLOCK_S slots at a time. Before that, q is rotated, and the program
+    whose split holds slot pos[b] rotates the new key and writes it and the new value there. One split: the
+    normalised output; several: float32 partial sums plus the running max and sum of each head, combined by
+    `_combine_kernel`."""
     b, kv_head, split = tl.program_id(0) // N_KV, tl.program_id(0) % N_KV, tl.program_id(1)
     g, d = tl.arange(0, G_PAD), tl.arange(0, D)
+    pos = tl.load(pos_ptr + b)
+    c = tl.load(cos_ptr + b * D + d).to(tl.float32)
+    s = tl.load(sin_ptr + b * D + d).to(tl.float32)
     heads = kv_head * G + g  # [G_PAD]; rows >= G are padding (tl.dot wants 16 rows)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g[:, None] < G, other=0.0)
+    dtype = k_ptr.dtype.element_ty
+    H = N_KV * G
+    new = qkv_ptr + b * stride_qkv  # this row's q (H heads), then k and v (N_KV heads each), D features a head
+    q = _rotate(new, heads, g < G, d, c, s, D).to(dtype)  # [G_PAD, D]
+    kv = b * stride_kb + kv_head * stride_kh
+    first = split * split_len
+    if (pos >= first) & (pos < first + split_len):  # this split holds the new slot: append to the cache
+        one = tl.arange(0, 1)
+        k_new = _rotate(new, H + kv_head + one, one < 1, d, c, s, D)  # [1, D]
+        tl.store(k_ptr + kv + pos * stride_ks + d[None, :], k_new.to(dtype))
+        tl.store(v_ptr + kv + pos * stride_ks + d, tl.load(new + (H + N_KV + kv_head) * D + d))
+        tl.debug_barrier()  # the loop below reads slot pos back
     running_max = tl.full([G_PAD], float("-inf"), tl.float32)
     running_sum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    kv = b * stride_kb + kv_head * stride_kh
-    end = tl.minimum(tl.minimum(split * split_len + split_len, S), tl.load(pos_ptr + b) + 1)  # slots beyond: unread
-    for s0 in range(split * split_len, end, BLOCK_S):
+    end = tl.minimum(tl.minimum(first + split_len, S), pos + 1)  # slots beyond: unread
+    for s0 in range(first, end, BLOCK_S):
         slots = s0 + tl.arange(0, BLOCK_S)
         visible = slots < end  # [BLOCK_S]
         k = tl.load(k_ptr + kv + slots[:, None] * stride_ks + d[None, :], mask=visible[:, None], other=0.0)
@@ -73,7 +101,6 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, acc_ptr, max
         v = tl.load(v_ptr + kv + slots[:, None] * stride_ks + d[None, :], mask=visible[:, None], other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         running_max = new_max
-    H = N_KV * G
     if SINGLE:
         tl.store(out_ptr + (b * H + heads)[:, None] * D + d[None, :],
                  (acc / running_sum[:, None]).to(out_ptr.dtype.element_ty), mask=g[:, None] < G)
@@ -97,33 +124,43 @@ def _combine_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, n_splits, D: tl.constexp
     tl.store(out_ptr + row * D + d, (tl.sum(acc * weight[:, None], axis=0) / total).to(out_ptr.dtype.element_ty))
 
 
-@torch.library.triton_op("llama::decode_attention", mutates_args=())
-def _decode_attention(q: Tensor, k: Tensor, v: Tensor, position: Tensor) -> Tensor:
-    B, H, _, D = q.shape
-    N_KV, S = k.shape[1], k.shape[2]
+@torch.library.triton_op("llama::decode_attention", mutates_args={"k_cache", "v_cache"})
+def _decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                      position: Tensor) -> Tensor:
+    N_KV, S, D = k_cache.shape[1:]
+    B, H = qkv.shape[0], qkv.shape[1] // D - 2 * N_KV
     G = H // N_KV
     block = 64
-    programs_wanted = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2)
+    programs_wanted = 4 * (torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 2)
     split_len = block * triton.cdiv(triton.cdiv(B * N_KV * S, programs_wanted), block)  # a multiple of block
     n_splits = triton.cdiv(S, split_len)
-    out = q.new_empty(B, H, 1, D)
-    acc = q.new_empty(B * H * n_splits, D, dtype=torch.float32)
-    running_max, running_sum = (q.new_empty(B * H * n_splits, dtype=torch.float32) for _ in range(2))
+    out = qkv.new_empty(B, H, 1, D)
+    acc = qkv.new_empty(B * H * n_splits, D, dtype=torch.float32)
+    running_max, running_sum = (qkv.new_empty(B * H * n_splits, dtype=torch.float32) for _ in range(2))
     torch.library.wrap_triton(_decode_attention_kernel)[(B * N_KV, n_splits)](
-        q, k, v, position, out, acc, running_max, running_sum, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        k.stride(2), S, split_len, D**-0.5, N_KV=N_KV, G=G, G_PAD=max(16, triton.next_power_of_2(G)),
-        D=D, BLOCK_S=block, SINGLE=n_splits == 1, num_warps=4)
+        qkv, cos, sin, k_cache, v_cache, position, out, acc, running_max, running_sum, qkv.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S, split_len, D**-0.5, N_KV=N_KV, G=G,
+        G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_S=block, SINGLE=n_splits == 1, num_warps=4)
     if n_splits > 1:
         torch.library.wrap_triton(_combine_kernel)[(B * H,)](
             acc, running_max, running_sum, out, n_splits, D=D, SPLITS=triton.next_power_of_2(n_splits))
     return out
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, position: Tensor) -> Tensor:
-    """Attention of one new token per row over the cache, split across the GPU (flash-decoding): the cache is cut
-    into splits so that even one row keeps every SM busy, each split reduces with an online softmax, and a second
-    kernel combines the splits. q: [B, H, 1, D]; k, v: [B, K, S, D] (each kv head read once for its G query
-    heads, no copies; D a power of two, >= 16); position: [B, 1], row b sees slots 0..position[b] (no mask
-    tensor: slots past it are not even read). The same function as `sdpa_attention` with the decode mask."""
-    assert q.shape[2] == 1 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride() == k.stride()
-    return _decode_attention(q, k, v, position.reshape(q.shape[0]).contiguous())
+def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, cache, position: Tensor) -> Tensor:
+    """A decode step's attention in one kernel (plus a small one to combine): RoPE on the new query and key, the
+    new key and value written into the cache at each row's position, and attention of the query over the cache,
+    flash-decoding style: the cache is cut into splits so that even one row keeps every SM busy, each split
+    reduces with an online softmax, and a second kernel combines the splits.
+
+    qkv: [B, 1, (H + 2K) * D], the qkv projection's output as it comes (q, k, v of a row side by side,
+    unrotated; views of it would be copied before a custom kernel); cos, sin: [B, 1, D]; cache: the layer's
+    KVCache, [B_max, K, S, D] (each kv head read once for its G query heads, no copies; D a power of two,
+    >= 16); position: [B, 1], row b sees slots 0..position[b] (no mask tensor: slots past it are not even read).
+    -> [B, H, 1, D]. The same function as `apply_rope`, `KVCache.update` and `sdpa_attention` with the decode
+    mask."""
+    B = qkv.shape[0]
+    assert qkv.shape[1] == 1 and cos.is_contiguous() and sin.is_contiguous()
+    assert cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
+    return _decode_attention(qkv.reshape(B, -1).contiguous(), cos, sin, cache.k, cache.v,
+                             position.reshape(B).contiguous())

@@ -224,11 +224,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * D, C, bias=bias)
         self.cache: KVCache | None = None
         self.implementation = "sdpa"
-        self.decode_kernel = None  # the compiled GPU path sets kernels.decode_attention (same function as SDPA)
+        self.decode_kernel = None  # the compiled GPU path: kernels.decode_attention (RoPE, cache write and SDPA)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        qkv = self.qkv_proj(x)  # [B, T, (H + 2K) * D]
+        if self.decode_kernel is not None and self.cache is not None and T == 1:
+            # The decode step below as one kernel: rotate q and k, write k and v at input_pos, attend from positions
+            out = self.decode_kernel(qkv, cos, sin, self.cache, input_pos)  # [B, H, 1, D]
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, K, T, D]
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, K, T, D]
@@ -243,10 +248,7 @@ class Attention(nn.Module):
         else:
             # A decode step: the new token of row b (at input_pos[b]) sees the cache slots that `mask` allows.
             k_all, v_all = self.cache.update(input_pos, k, v)  # [B, K, S, D]
-            if self.decode_kernel is not None:  # the same function, from the positions instead of the mask
-                out = self.decode_kernel(q, k_all, v_all, input_pos)  # [B, H, T, D]
-            else:
-                out = attend(q, k_all, v_all, mask)  # [B, H, T, D]
+            out = attend(q, k_all, v_all, mask)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

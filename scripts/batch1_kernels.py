@@ -5,7 +5,8 @@ weight is served from the 50 MB L2 cache), in the variants compared in docs/benc
 
 1. down(silu(gate) * up): eager (cuBLAS), Inductor fusing silu into its matrix-vector kernel (what `compile=True`
    generated before kernels.silu_mul), and Inductor given the product already in memory.
-2. Decode attention of one layer: SDPA (cuDNN) against the Triton `decode_attention` (`--attention`: this alone).
+2. Decode attention of one layer: SDPA (cuDNN) against the Triton `decode_attention` (`--attention`: this alone),
+   which also rotates q and k and writes the cache (SDPA's time is the attention alone).
 """
 
 from __future__ import annotations
@@ -56,25 +57,38 @@ def down_variants(bandwidth: float) -> None:
 
 
 def attention_variants(bandwidth: float) -> None:
-    """Decode attention, one layer: SDPA with the bool mask (cuDNN picks it up) against `decode_attention`, at
+    """Decode attention, one layer: SDPA with the bool mask (cuDNN picks it up) on the rotated query and the
+    updated cache, against `decode_attention`, which also rotates q and k and writes k and v into the cache; at
     the benchmark's shapes and at long context; errors against float64."""
+    import copy
+
     from llama.kernels import decode_attention
-    from llama.model import reference_attention, sdpa_attention
+    from llama.model import KVCache, apply_rope, reference_attention, sdpa_attention
 
     for B, S in ((1, 384), (1, 4096), (1, 32768), (16, 384), (64, 768)):
-        qs = [torch.randn(B, 1, H, D, device=dev, dtype=bf16).transpose(1, 2) for _ in range(4)]
-        k, v = (torch.randn(B, K, S, D, device=dev, dtype=bf16) for _ in range(2))
+        qkvs = [torch.randn(B, 1, (H + 2 * K) * D, device=dev, dtype=bf16) for _ in range(4)]
+        heads = [[x.view(B, 1, -1, D).transpose(1, 2) for x in qkv.split([H * D, K * D, K * D], dim=-1)]
+                 for qkv in qkvs]  # q, k, v of each, as views into the projection's output
+        angles = torch.rand(B, 1, D // 2, device=dev) * 6
+        cos, sin = (f(torch.cat((angles, angles), dim=-1)).to(bf16) for f in (torch.cos, torch.sin))
+        cache = KVCache(B, S, K, D, dtype=bf16, device=dev)
+        cache.k.normal_(), cache.v.normal_()
         position = torch.randint(S // 2, S, (B, 1), device=dev)
         position[0, 0] = S - 1
         mask = (torch.arange(S, device=dev) <= position[:, :, None]).unsqueeze(1)
-        ref = reference_attention(qs[0].double(), k.double(), v.double(), mask)
-        row = []
-        for name, fn, arg in (("sdpa", sdpa_attention, mask), ("decode_attention", decode_attention, position)):
-            seconds = graph_time([lambda q=q, fn=fn, arg=arg: fn(q, k, v, arg) for q in qs], repeat=20)
-            error = rel_error(fn(qs[0], k, v, arg), ref)
-            row.append(f"{name} {seconds * 1e6:7.1f} us (error {error:.1e})")
+        q, k, v = heads[0]
+        k_all, v_all = copy.deepcopy(cache).update(position, apply_rope(k, cos, sin), v)
+        q_rotated = apply_rope(q, cos, sin)
+        ref = reference_attention(q_rotated.double(), k_all.double(), v_all.double(), mask)
+        sdpa = graph_time([lambda q=apply_rope(h[0], cos, sin): sdpa_attention(q, k_all, v_all, mask)
+                           for h in heads], repeat=20)
+        kernel = graph_time([lambda qkv=qkv: decode_attention(qkv, cos, sin, cache, position) for qkv in qkvs],
+                            repeat=20)
+        errors = [rel_error(sdpa_attention(q_rotated, k_all, v_all, mask), ref),
+                  rel_error(decode_attention(qkvs[0], cos, sin, copy.deepcopy(cache), position), ref)]
         kv_bytes = 2 * B * K * S * D * 2
-        print(f"attention B={B:2d} S={S:5d} | " + " | ".join(row) + f" | KV at the copy rate "
+        print(f"attention B={B:2d} S={S:5d} | sdpa {sdpa * 1e6:7.1f} us (error {errors[0]:.1e}) | decode_attention, "
+              f"with RoPE and the cache write {kernel * 1e6:7.1f} us (error {errors[1]:.1e}) | KV at the copy rate "
               f"{kv_bytes / bandwidth * 1e6:6.1f} us", flush=True)
 
 

@@ -11,6 +11,7 @@ attention over a long cache, for several variants in one run.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import sys
@@ -341,7 +342,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch1", action="store_true", help="only the batch-1 experiments")
     parser.add_argument("--timeline", type=Path, help="only the batch-1 timeline, written to this folder")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an Inductor setting to try, e.g. triton.enable_pdl=True (repeatable)")
     args = parser.parse_args()
+    for setting in args.set:
+        key, value = setting.split("=", 1)
+        *parents, name = key.split(".")
+        section = torch._inductor.config
+        for parent in parents:
+            section = getattr(section, parent)
+        setattr(section, name, ast.literal_eval(value))
     if args.timeline:
         config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
         timeline(random_engine_model(config, torch.device("cuda"), torch.bfloat16), args.timeline)

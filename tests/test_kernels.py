@@ -1,4 +1,5 @@
-"""The Triton kernels of the compiled GPU path (llama/kernels.py) against the model's own functions, run by
+"""The Triton kernels of the compiled GPU path (llama/kernels.py) against the model's own functions (outputs, and
+the KV cache the attention kernel writes), run by
 Triton's interpreter on the CPU in float32. Skipped where Triton is not installed (the CPU-only CI); on a GPU,
 scripts/gpu_check.py and scripts/batch1_kernels.py check them in bf16."""
 
@@ -13,20 +14,28 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 CHECK = """
+import copy
 import torch
 from llama.kernels import decode_attention, silu_mul
-from llama.model import reference_attention, silu_mul as reference_silu_mul
+from llama.model import KVCache, apply_rope, reference_attention, silu_mul as reference_silu_mul
 torch.manual_seed(0)
 for B, H, K, S, D in [(1, 8, 2, 100, 64), (3, 4, 4, 300, 64), (2, 16, 2, 1000, 128), (1, 8, 8, 64, 64)]:
-    q = torch.randn(B, 1, H, D).transpose(1, 2)  # strided, as the model's q
-    k, v = (torch.randn(B + 1, K, S, D)[:B] for _ in range(2))  # the first B rows of a larger cache
+    qkv = torch.randn(B, 1, (H + 2 * K) * D)  # the q, k and v of each row are views into it, as in the model
+    q, k, v = (x.view(B, 1, -1, D).transpose(1, 2) for x in qkv.split([H * D, K * D, K * D], dim=-1))
+    angles = torch.rand(B, 1, D // 2) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    cache = KVCache(B + 1, S, K, D)  # more rows than in use
+    cache.k.normal_(), cache.v.normal_()
+    expected_cache = copy.deepcopy(cache)
     position = torch.randint(0, S, (B, 1))
     position[0, 0] = S - 1
+    out = decode_attention(qkv, cos, sin, cache, position)
+    k_all, v_all = expected_cache.update(position, apply_rope(k, cos, sin), v)
     mask = (torch.arange(S) <= position[:, :, None]).unsqueeze(1)
-    out = decode_attention(q, k, v, position)
-    ref = reference_attention(q.double(), k.double(), v.double(), mask)
+    ref = reference_attention(apply_rope(q, cos, sin).double(), k_all.double(), v_all.double(), mask)
     error = ((out.double() - ref).norm() / ref.norm()).item()
     assert error < 1e-5, (B, H, K, S, D, error)
+    assert torch.allclose(cache.k, expected_cache.k, atol=1e-6) and torch.equal(cache.v, expected_cache.v)
 gate_up = torch.randn(2, 3, 2 * 700)
 assert torch.allclose(silu_mul(gate_up), reference_silu_mul(gate_up), rtol=1e-5, atol=1e-6)
 print("ok")

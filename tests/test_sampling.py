@@ -11,7 +11,17 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from llama.generate import SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, sample
+from llama.generate import (
+    SamplingParams,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    argmax,
+    exponential_race,
+    pick,
+    sample,
+)
 
 LOGITS = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
 
@@ -78,3 +88,25 @@ def test_sampled_frequencies_match_the_softmax(temperature, top_k):
 
 def test_greedy_is_argmax():
     assert torch.equal(sample(LOGITS, SamplingParams(), None, None), LOGITS.argmax(-1))
+
+
+@pytest.mark.parametrize("V", [1, 5, 127, 128, 129, 1000, 32000, 128256])
+def test_two_stage_argmax_equals_torch_argmax(V):
+    g = torch.Generator().manual_seed(V)
+    for x in (torch.randn(3, V, generator=g), torch.randint(-2, 2, (3, V), generator=g).float()):  # ties: the first
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(argmax(x.to(dtype)), x.to(dtype).argmax(-1))
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, 5), (1.3, 1), (0.8, 49), (2.0, 500)])
+def test_the_in_step_choice_draws_what_sample_draws(temperature, top_k):
+    """`pick` (inside the compiled step) and `sample` turn the same random draws into the same tokens."""
+    logits = (torch.randn(4000, 50, generator=torch.Generator().manual_seed(3)) * 3)
+    params = SamplingParams(temperature=temperature, top_k=top_k)
+    theirs = sample(logits, params, None, torch.Generator().manual_seed(7))
+    race = exponential_race(logits.shape, logits.device, torch.Generator().manual_seed(7))
+    ours = pick(logits, race, torch.tensor(temperature), top_k)
+    assert torch.equal(ours, theirs)
+    assert kept(apply_top_k(logits, top_k or 50)).gather(1, ours[:, None]).all()
+    assert (ours != logits.argmax(-1)).any() == (top_k != 1)  # random draws, not the greedy choice
+    assert torch.equal(pick(logits, None, None, top_k), logits.argmax(-1))  # no race: greedy
