@@ -51,17 +51,48 @@ def default_device_and_dtype(device: str | torch.device | None, dtype: str | tor
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
-def compiled_decode_step():
+def compiled_decode_step() -> CompiledDecodeStep:
+    return CompiledDecodeStep()
+
+
+class CompiledDecodeStep:
     """The decode step as one CUDA graph (torch.compile "reduce-overhead"): it removes the per-kernel launch cost
     that dominates small-batch decoding. Compiles once per batch size and cache length (tens of seconds).
+
+    On a GPU one graph serves every way of choosing the token: the choice's parameters go in as tensors (greedy
+    is temperature 0 with a race of ones, no top-k is k = V), and the k-th largest logit comes from a kernel that
+    takes k as a tensor (`kernels.kth_largest`). So greedy and sampling run the very same kernels, and a new
+    temperature or top-k compiles nothing.
+
     Two global Inductor settings are switched on here only (docs/benchmarks.md has the Llama-3.1-8B batch-1
     figures on an H100): coordinate-descent tuning of Inductor's kernels (7.3 -> 6.5 ms a step), and programmatic
     dependent launch on Hopper and later GPUs, which lets each kernel start while the one before it finishes
     (each waits for its inputs inside; 5.84 -> 5.62 ms a step)."""
-    torch._inductor.config.coordinate_descent_tuning = True
-    if hasattr(torch._inductor.config.triton, "enable_pdl"):  # (torch >= 2.10)
-        torch._inductor.config.triton.enable_pdl = True
-    return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+
+    def __init__(self):
+        torch._inductor.config.coordinate_descent_tuning = True
+        if hasattr(torch._inductor.config.triton, "enable_pdl"):  # (torch >= 2.10)
+            torch._inductor.config.triton.enable_pdl = True
+        self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+        self.constants: dict[tuple, Tensor] = {}
+
+    def __call__(self, model: Transformer, token: Tensor, position: Tensor, in_step: bool = False,
+                 race: Tensor | None = None, temperature: Tensor | None = None, top_k: int | None = None) -> Tensor:
+        if not (in_step and token.is_cuda):
+            return self.step(model, token, position, in_step, race, temperature, top_k)
+        from llama.kernels import kth_largest
+
+        B, V = token.shape[0], model.lm_head.out_features
+        if race is None:  # greedy
+            race = self._constant(("ones", B, V), lambda: torch.ones(B, V, device=token.device))
+            temperature = self._constant(("zero",), lambda: torch.zeros((), device=token.device))
+        k = self._constant(("k", B, top_k or V), lambda: torch.full((B,), top_k or V, device=token.device))
+        return self.step(model, token, position, True, race, temperature, k, kth_largest)
+
+    def _constant(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+        if key not in self.constants:
+            self.constants[key] = make()
+        return self.constants[key]
 
 
 def compile_layers_for_prefill(model: Transformer) -> None:

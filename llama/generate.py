@@ -54,8 +54,7 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
 
 def apply_top_k(logits: Tensor, k: int) -> Tensor:
     """Keep the k largest logits of each row (and any tied with the k-th); the rest become -inf."""
-    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [B, 1]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    return logits.masked_fill(logits < kth_largest(logits, k), float("-inf"))
 
 
 def apply_top_p(logits: Tensor, p: float) -> Tensor:
@@ -112,7 +111,13 @@ def argmax(x: Tensor) -> Tensor:
     return (chunk * width + where.gather(-1, chunk))[:, 0]
 
 
-def pick(logits: Tensor, race: Tensor | None, temperature: Tensor | None, top_k: int | None) -> Tensor:
+def kth_largest(logits: Tensor, k: Tensor | int) -> Tensor:
+    """The k-th largest logit of each row, [B, 1] (kernels.kth_largest: the same, for a compiled GPU step)."""
+    return torch.topk(logits, min(int(k), logits.shape[-1]), dim=-1, sorted=False).values.amin(-1, keepdim=True)
+
+
+def pick(logits: Tensor, race: Tensor | None, temperature: Tensor | None, top_k: Tensor | int | None,
+         kth: Callable[[Tensor, Tensor | int], Tensor] = kth_largest) -> Tensor:
     """`sample` for the common cases, written to run inside the compiled decode step: greedy when `race` is None,
     else temperature and top-k. logits [B, V] (model dtype), race [B, V] from `exponential_race`, temperature a
     0-d tensor (a tensor, so that a new value does not recompile the step) -> next tokens [B].
@@ -120,13 +125,13 @@ def pick(logits: Tensor, race: Tensor | None, temperature: Tensor | None, top_k:
     The same draw as `sample` from the same race: softmax(l / T) restricted to the top k is p_i = e^(l_i / T) / Z
     on the kept tokens, and argmax p_i / E_i = argmax (l_i / T - log E_i) = argmax (l_i - T log E_i). Dividing by
     T > 0 keeps the order of the logits, so the top k are taken from the logits as they come (bf16 on the GPU:
-    a radix select over 16-bit keys, half the passes of float32)."""
+    half the radix passes of float32). With T = 0 and E = 1 it is greedy again (the compiled GPU step uses that
+    to serve both with one graph)."""
     if race is None:
         return argmax(logits)
     scores = logits.float() - temperature * race.log()  # [B, V]
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1, sorted=False).values.amin(-1, keepdim=True)
-        scores = scores.masked_fill(logits < kth, float("-inf"))
+        scores = scores.masked_fill(logits < kth(logits, top_k), float("-inf"))
     return argmax(scores)
 
 
@@ -137,13 +142,14 @@ def picks_in_step(params: SamplingParams, seen: Tensor | None) -> bool:
 
 # ---------------------------------------------------------------------------- the loop
 def decode_step(model: Transformer, token: Tensor, position: Tensor, in_step: bool = False,
-                race: Tensor | None = None, temperature: Tensor | None = None, top_k: int | None = None) -> Tensor:
+                race: Tensor | None = None, temperature: Tensor | None = None, top_k: Tensor | int | None = None,
+                kth: Callable[[Tensor, Tensor | int], Tensor] = kth_largest) -> Tensor:
     """One token per row: token [B, 1] at position [B, 1] -> logits [B, V], or with `in_step` the next token [B]
     chosen by `pick`. The unit `compile=True` compiles (one CUDA graph per batch size and kind of choice): the
     choice is then inside the graph, next to the logits; eagerly, the sampler's softmax, top-k and argmax over
     128,256 logits took ~0.2 ms per token on an H100."""
     logits = model(token, input_pos=position)[:, -1]
-    return pick(logits, race, temperature, top_k) if in_step else logits
+    return pick(logits, race, temperature, top_k, kth) if in_step else logits
 
 
 @torch.inference_mode()

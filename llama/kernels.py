@@ -1,5 +1,6 @@
-"""Two Triton kernels for the compiled GPU path (`compile=True`); the model computes the same functions without them
-(model.py: `silu_mul`, `sdpa_attention`). Measured on an H100 in docs/benchmarks.md ("Batch 1, third look").
+"""Three Triton kernels for the compiled GPU path (`compile=True`); the model and the sampler compute the same
+functions without them (model.py: `silu_mul`, `apply_rope` + `KVCache.update` + `sdpa_attention`; generate.py:
+`kth_largest`). Measured on an H100 in docs/benchmarks.md ("Batch 1, third look" and "fourth look").
 
 silu_mul          silu(gate) * up, written to memory by a kernel of its own. Left to itself, Inductor fuses this
                   product into the batch-1 down_proj matrix-vector kernel and recomputes it in every program of
@@ -7,10 +8,13 @@ silu_mul          silu(gate) * up, written to memory by a kernel of its own. Lef
                   reading the product from memory. A Triton kernel is opaque to Inductor's fusion, so the product
                   is materialised (28 KB at batch 1, 1.2 us).
 decode_attention  one query token per row against the KV cache, flash-decoding style, reading only slots up to
-                  each row's position: 3.3 us + 1.6 us (combine) per layer at the benchmark's batch 1, against
-                  7.7 us for cuDNN through SDPA plus 1 us for the mask it needs. It also rotates the new query
-                  and key and writes the new key and value into the cache, which Inductor did in three kernels
-                  of 1.1-2.3 us each.
+                  each row's position, after rotating the new query and key and writing the new key and value
+                  into the cache: 4.0 us + 1.6 us (combine) per layer at the benchmark's batch 1, where cuDNN
+                  through SDPA took 7.7 us, plus 1 us for its mask and three Inductor kernels of 1.1-2.3 us for
+                  RoPE and the cache writes.
+kth_largest       the k-th largest logit of each row for top-k sampling, with k a tensor, so that one compiled
+                  step serves every top-k (and greedy): radix select in 4 short kernels, 14.5 us for 128,256 bf16
+                  logits against 40.5 us for torch.topk.
 """
 
 from __future__ import annotations
@@ -164,3 +168,88 @@ def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, cache, position: Ten
     assert cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
     return _decode_attention(qkv.reshape(B, -1).contiguous(), cos, sin, cache.k, cache.v,
                              position.reshape(B).contiguous())
+
+
+# ---------------------------------------------------------------------------- the k-th largest logit
+@triton.jit
+def _order_key(x, BITS: tl.constexpr):
+    """A float's bits as an integer in [0, 2^BITS) that orders like the float: for a positive float its bits
+    with the sign bit set, for a negative one every bit flipped (int64)."""
+    if BITS == 16:
+        bits = x.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+    else:
+        bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    sign: tl.constexpr = 1 << (BITS - 1)
+    return tl.where((bits & sign) != 0, (2 * sign - 1) - bits, bits | sign)
+
+
+@triton.jit
+def _digits_so_far(hist_ptr, k, PASSES: tl.constexpr):
+    """From the histograms of the first PASSES passes: the leading 8 * PASSES bits of the k-th largest key, and
+    the rank the k-th key has among the keys that share them."""
+    i = tl.arange(0, 256)
+    prefix = k.to(tl.int64) * 0
+    for p in tl.static_range(PASSES):
+        counts = tl.load(hist_ptr + p * 256 + 255 - i)  # of digits 255, 254, ..., 0
+        at_least = tl.cumsum(counts, axis=0)  # keys whose digit is this one or larger
+        above = tl.sum(tl.where(at_least < k, 1, 0))  # digits whose keys all rank before the k-th
+        k -= tl.sum(tl.where(i < above, counts, 0))
+        prefix = prefix * 256 + (255 - above)
+    return prefix, k
+
+
+@triton.jit
+def _radix_pass_kernel(x_ptr, k_ptr, hist_ptr, V, stride_x, PASS: tl.constexpr, BITS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Program (row, chunk): histogram of the next 8 bits of the keys that share the k-th key's leading bits so
+    far, added into the row's histogram of this pass."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    hist = hist_ptr + row * (BITS // 8) * 256
+    prefix, _ = _digits_so_far(hist, tl.load(k_ptr + row), PASS)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    key = _order_key(tl.load(x_ptr + row * stride_x + cols, mask=cols < V), BITS)
+    shift = BITS - 8 * (PASS + 1)
+    match = (cols < V) & ((key >> (shift + 8)) == prefix)
+    counts = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
+    tl.atomic_add(hist + PASS * 256 + tl.arange(0, 256), counts, sem="relaxed")
+
+
+@triton.jit
+def _kth_value_kernel(k_ptr, hist_ptr, out_ptr, BITS: tl.constexpr):
+    """Program row: the k-th largest key from all the passes' histograms, turned back into a float."""
+    row = tl.program_id(0)
+    key, _ = _digits_so_far(hist_ptr + row * (BITS // 8) * 256, tl.load(k_ptr + row), BITS // 8)
+    sign: tl.constexpr = 1 << (BITS - 1)
+    bits = tl.where((key & sign) != 0, key ^ sign, (2 * sign - 1) - key)
+    if BITS == 16:
+        value = bits.to(tl.uint16).to(out_ptr.dtype.element_ty, bitcast=True)
+    else:
+        value = bits.to(tl.uint32).to(out_ptr.dtype.element_ty, bitcast=True)
+    tl.store(out_ptr + row, value)
+
+
+@torch.library.triton_op("llama::kth_largest", mutates_args=())
+def _kth_largest(x: Tensor, k: Tensor) -> Tensor:
+    B, V = x.shape
+    bits = 8 * x.element_size()
+    hist = torch.zeros(B, bits // 8, 256, dtype=torch.int32, device=x.device)
+    block = 2048
+    for p in range(bits // 8):
+        torch.library.wrap_triton(_radix_pass_kernel)[(B, triton.cdiv(V, block))](
+            x, k, hist, V, x.stride(0), PASS=p, BITS=bits, BLOCK=block)
+    out = x.new_empty(B)
+    torch.library.wrap_triton(_kth_value_kernel)[(B,)](k, hist, out, BITS=bits)
+    return out
+
+
+def kth_largest(x: Tensor, k: Tensor) -> Tensor:
+    """x [B, V] (bf16, fp16 or fp32), k [B] int (1 <= k) -> the k-th largest value of each row [B, 1]: the same as
+    `torch.topk(x, k).values.amin(-1, keepdim=True)`, but with k a tensor (a new k needs no new compilation).
+
+    Radix select: floats are mapped to integer keys that sort like them, and each pass histograms the next 8
+    bits of the keys that still share the k-th key's leading bits (2 passes for 16-bit floats, 4 for float32),
+    the histograms built by many programs at once; a last small kernel reads the k-th key off them. On an H100
+    this is ~4 short kernels instead of the ~15 of torch.topk (45 us for 128,256 logits, inside the graph)."""
+    assert x.dim() == 2 and x.stride(1) == 1 and x.element_size() in (2, 4)
+    k = k.to(torch.int32).clamp(max=x.shape[1]).expand(x.shape[0]).contiguous()
+    return _kth_largest(x, k)[:, None]

@@ -7,6 +7,7 @@ weight is served from the 50 MB L2 cache), in the variants compared in docs/benc
    generated before kernels.silu_mul), and Inductor given the product already in memory.
 2. Decode attention of one layer: SDPA (cuDNN) against the Triton `decode_attention` (`--attention`: this alone),
    which also rotates q and k and writes the cache (SDPA's time is the attention alone).
+3. The k-th largest logit for top-k: the Triton `kth_largest` against `torch.topk` (`--top-k`: this alone).
 """
 
 from __future__ import annotations
@@ -92,12 +93,34 @@ def attention_variants(bandwidth: float) -> None:
               f"{kv_bytes / bandwidth * 1e6:6.1f} us", flush=True)
 
 
+def top_k_variants(bandwidth: float) -> None:
+    """The k-th largest logit for top-k sampling: `kernels.kth_largest` (k a tensor) against `torch.topk`, checked
+    equal, then timed at k = 200 over 128,256 bf16 logits."""
+    from llama.kernels import kth_largest
+
+    V = 128256
+    for B in (1, 16, 64):
+        x = torch.randn(B, V, device=dev, dtype=bf16) * 3
+        for k in (1, 50, 200, V):
+            ours = kth_largest(x, torch.tensor(k, device=dev))
+            assert torch.equal(ours, torch.topk(x, k, sorted=False).values.amin(-1, keepdim=True)), (B, k)
+        k = torch.full((B,), 200, device=dev)
+        ours = graph_time([lambda x=x, k=k: kth_largest(x, k)], repeat=20)
+        theirs = graph_time([lambda x=x: torch.topk(x, 200, sorted=False).values.amin(-1, keepdim=True)], repeat=20)
+        print(f"k-th largest B={B:2d} | kth_largest {ours * 1e6:6.1f} us | torch.topk {theirs * 1e6:6.1f} us",
+              flush=True)
+    x = torch.randn(2, V, device=dev) * 3  # float32: four radix passes
+    assert torch.equal(kth_largest(x, torch.tensor(200, device=dev)), torch.topk(x, 200).values.amin(-1, keepdim=True))
+
+
 def main() -> None:
     torch._inductor.config.coordinate_descent_tuning = True  # as `compile=True` sets it
     bandwidth = copy_bandwidth(dev)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.0f} GB/s",
           flush=True)
-    for part in (attention_variants, down_variants)[:1 if "--attention" in sys.argv else 2]:
+    parts = {"--attention": [attention_variants], "--top-k": [top_k_variants]}
+    chosen = [parts[a][0] for a in sys.argv[1:] if a in parts]
+    for part in chosen or [attention_variants, top_k_variants, down_variants]:
         try:
             part(bandwidth)
         except Exception as e:  # report and go on: one failing experiment must not hide the others

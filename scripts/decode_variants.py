@@ -137,6 +137,19 @@ def long_generation(model: Transformer, context: int, new_tokens: int) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def long_context(model: Transformer, config: ModelConfig) -> None:
+    """Batch-1 decode after a 32k and a 128k-token prompt, against the bandwidth limit counting the KV bytes."""
+    bandwidth = copy_bandwidth(torch.device("cuda"))
+    weight_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if "embed" not in n)
+    kv_bytes_per_position = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2
+    for context in (32768, 131072 - 64):
+        torch._dynamo.reset()
+        result = long_generation(model, context, 64)
+        limit = bandwidth / (weight_bytes + kv_bytes_per_position * (context + 32))
+        print(f"long context {json.dumps(result)}; limit {limit:.1f} tok/s -> {result['decode_tok_s'] / limit:.0%}",
+              flush=True)
+
+
 def graph_time(fns: list, repeat: int = 10) -> float:
     """Seconds per call of the callables in `fns`, each called once in turn, replayed from one CUDA graph (no
     launch gaps between kernels of a few microseconds)."""
@@ -301,7 +314,7 @@ def batch1(model: Transformer, config: ModelConfig) -> None:
     print(json.dumps(results))
 
 
-def timeline(model: Transformer, out: Path) -> None:
+def timeline(model: Transformer, out: Path, order: str = "greedy,sample") -> None:
     """Batch 1 as `bench.py` runs it (prompt 128, 256 new tokens, `compile=True`): tok/s, then one more generate
     call under the profiler. Every GPU activity of that call (kernels, copies, memsets) goes to
     OUT/timeline_MODE.json.gz as [name, start us, duration us], to be read on another machine."""
@@ -313,7 +326,8 @@ def timeline(model: Transformer, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     prompt = [torch.randint(0, 1000, (128,), generator=torch.Generator().manual_seed(0)).tolist()]
-    modes = {"greedy": {"temperature": 0.0, "top_k": None}, "sample": {"temperature": 0.8, "top_k": 200}}
+    sampling_of = {"greedy": {"temperature": 0.0, "top_k": None}, "sample": {"temperature": 0.8, "top_k": 200}}
+    modes = {mode: sampling_of[mode] for mode in order.split(",")}
     llm = Llama(model, max_seq_len=1024, compile=True)
     llm.eos_token_ids = []
     for mode, sampling in modes.items():
@@ -341,7 +355,9 @@ def timeline(model: Transformer, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch1", action="store_true", help="only the batch-1 experiments")
+    parser.add_argument("--long", action="store_true", help="only the 32k and 128k long-context rows")
     parser.add_argument("--timeline", type=Path, help="only the batch-1 timeline, written to this folder")
+    parser.add_argument("--modes", default="greedy,sample", help="the timeline's modes, in this order")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an Inductor setting to try, e.g. triton.enable_pdl=True (repeatable)")
     args = parser.parse_args()
@@ -354,7 +370,11 @@ def main() -> None:
         setattr(section, name, ast.literal_eval(value))
     if args.timeline:
         config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
-        timeline(random_engine_model(config, torch.device("cuda"), torch.bfloat16), args.timeline)
+        timeline(random_engine_model(config, torch.device("cuda"), torch.bfloat16), args.timeline, args.modes)
+        return
+    if args.long:
+        config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
+        long_context(random_engine_model(config, torch.device("cuda"), torch.bfloat16), config)
         return
     if args.batch1:
         config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
@@ -376,14 +396,7 @@ def main() -> None:
     seconds, share = prefill_efficiency(model, 8192, peak)
     print(f"prefill 8192 tokens: {seconds:.3f} s, {share:.0%} of the measured bf16 matmul peak "
           f"{peak / 1e12:.0f} TFLOP/s", flush=True)
-    bandwidth = copy_bandwidth(torch.device("cuda"))
-    kv_bytes_per_position = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2
-    for context in (32768, 131072 - 64):
-        torch._dynamo.reset()
-        result = long_generation(model, context, 64)
-        limit = bandwidth / (weight_bytes + kv_bytes_per_position * (context + 32))
-        print(f"long context {json.dumps(result)}; limit {limit:.1f} tok/s -> {result['decode_tok_s'] / limit:.0%}",
-              flush=True)
+    long_context(model, config)
     for batch in (16, 64):
         torch._dynamo.reset()
         rows[f"reduce-overhead, batch {batch}"] = step_time(model, batch, 384, "reduce-overhead") / batch

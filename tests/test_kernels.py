@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECK = """
 import copy
 import torch
-from llama.kernels import decode_attention, silu_mul
+from llama.kernels import decode_attention, kth_largest, silu_mul
 from llama.model import KVCache, apply_rope, reference_attention, silu_mul as reference_silu_mul
 torch.manual_seed(0)
 for B, H, K, S, D in [(1, 8, 2, 100, 64), (3, 4, 4, 300, 64), (2, 16, 2, 1000, 128), (1, 8, 8, 64, 64)]:
@@ -36,6 +36,11 @@ for B, H, K, S, D in [(1, 8, 2, 100, 64), (3, 4, 4, 300, 64), (2, 16, 2, 1000, 1
     error = ((out.double() - ref).norm() / ref.norm()).item()
     assert error < 1e-5, (B, H, K, S, D, error)
     assert torch.allclose(cache.k, expected_cache.k, atol=1e-6) and torch.equal(cache.v, expected_cache.v)
+for dtype in (torch.bfloat16, torch.float32):  # the k-th largest logit: ties, negative values, k past the end
+    for x in (torch.randn(2, 3000) * 4, torch.randint(-3, 3, (2, 3000)).float(), -torch.rand(1, 700)):
+        for k in (1, 7, 200, x.shape[1], x.shape[1] + 5):
+            want = torch.topk(x.to(dtype).float(), min(k, x.shape[1])).values.amin(-1, keepdim=True).to(dtype)
+            assert torch.equal(kth_largest(x.to(dtype), torch.tensor(k)), want), (dtype, k)
 gate_up = torch.randn(2, 3, 2 * 700)
 assert torch.allclose(silu_mul(gate_up), reference_silu_mul(gate_up), rtol=1e-5, atol=1e-6)
 print("ok")

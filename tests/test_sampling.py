@@ -110,3 +110,5 @@ def test_the_in_step_choice_draws_what_sample_draws(temperature, top_k):
     assert kept(apply_top_k(logits, top_k or 50)).gather(1, ours[:, None]).all()
     assert (ours != logits.argmax(-1)).any() == (top_k != 1)  # random draws, not the greedy choice
     assert torch.equal(pick(logits, None, None, top_k), logits.argmax(-1))  # no race: greedy
+    greedy_as_a_draw = pick(logits, torch.ones_like(logits), torch.tensor(0.0), logits.shape[1])  # (compiled GPU step)
+    assert torch.equal(greedy_as_a_draw, logits.argmax(-1))
