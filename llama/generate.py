@@ -145,9 +145,9 @@ def decode_step(model: Transformer, token: Tensor, position: Tensor, in_step: bo
                 race: Tensor | None = None, temperature: Tensor | None = None, top_k: Tensor | int | None = None,
                 kth: Callable[[Tensor, Tensor | int], Tensor] = kth_largest) -> Tensor:
     """One token per row: token [B, 1] at position [B, 1] -> logits [B, V], or with `in_step` the next token [B]
-    chosen by `pick`. The unit `compile=True` compiles (one CUDA graph per batch size and kind of choice): the
-    choice is then inside the graph, next to the logits; eagerly, the sampler's softmax, top-k and argmax over
-    128,256 logits took ~0.2 ms per token on an H100."""
+    chosen by `pick`. The unit `compile=True` compiles into one CUDA graph (api.CompiledDecodeStep): the choice is
+    then inside the graph, next to the logits; eagerly, the sampler's softmax, top-k and argmax over 128,256
+    logits took ~0.2 ms per token on an H100."""
     logits = model(token, input_pos=position)[:, -1]
     return pick(logits, race, temperature, top_k, kth) if in_step else logits
 
