@@ -51,10 +51,6 @@ def default_device_and_dtype(device: str | torch.device | None, dtype: str | tor
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
-def compiled_decode_step() -> CompiledDecodeStep:
-    return CompiledDecodeStep()
-
-
 class CompiledDecodeStep:
     """The decode step as one CUDA graph (torch.compile "reduce-overhead"): it removes the per-kernel launch cost
     that dominates small-batch decoding. Compiles once per batch size and cache length (tens of seconds).
@@ -80,7 +76,7 @@ class CompiledDecodeStep:
                  race: Tensor | None = None, temperature: Tensor | None = None, top_k: int | None = None) -> Tensor:
         if not (in_step and token.is_cuda):
             return self.step(model, token, position, in_step, race, temperature, top_k)
-        from llama.kernels import kth_largest
+        from llama.kernels import kth_largest  # (needs Triton, so only here)
 
         B, V = token.shape[0], model.lm_head.out_features
         if race is None:  # greedy
@@ -111,7 +107,7 @@ class Llama:
                  max_batch_size: int | None = None, eos_token_ids: Sequence[int] = (), compile: bool = False,
                  config: ModelConfig | None = None):
         self.model = model  # under tensor parallelism, this rank's part (model.config: its local shape)
-        self._decode_step = compiled_decode_step() if compile else decode_step
+        self._decode_step = CompiledDecodeStep() if compile else decode_step
         if compile:
             compile_layers_for_prefill(model)
             if model.embed_tokens.weight.is_cuda:

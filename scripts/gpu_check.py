@@ -15,7 +15,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama.api import Llama, compiled_decode_step  # noqa: E402
+from llama.api import CompiledDecodeStep, Llama  # noqa: E402
 from llama.generate import decode_step  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "llama-3.2-1b.json"
@@ -55,7 +55,7 @@ def main() -> int:
     torch.cuda.empty_cache()
 
     eager = Llama.from_pretrained(folder, device="cuda", dtype=torch.bfloat16, progress=False)
-    compiled = compiled_decode_step()  # with the Inductor settings of `compile=True`
+    compiled = CompiledDecodeStep()  # as `compile=True` builds it
     eager_steps = cached_logits(eager, tokens, 32, decode_step)
     eager.model.use_triton_kernels()  # as `compile=True` on a GPU does
     compiled_steps = cached_logits(eager, tokens, 32, compiled)
