@@ -244,7 +244,8 @@ class Llama:
             pending = []
             # Read the block before this one: the GPU is already past it and has this block's steps queued, so it
             # never waits for the host (reading the newest block left it idle ~1.8 ms per read on an H100 while
-            # the next step was launched). The first token and the last block are read at once.
+            # the next step was launched). The first token and the last block are read at once. A stop is thus
+            # seen up to two blocks after it happens; the steps decoded past it are dropped.
             while copies and (len(copies) > 1 or step == 0 or last) and not done:
                 block = copies.popleft()()  # the only host synchronisation
                 if step == 0:

@@ -349,9 +349,9 @@ class Transformer(nn.Module):
             layer.attention.cache = None
 
     def use_triton_kernels(self, enabled: bool = True) -> None:
-        """The compiled GPU path: SwiGLU's product gets a Triton kernel of its own, and a decode step's attention
-        a flash-decoding kernel when the head dim is a power of two (kernels.py says why); the same functions as
-        without them. `set_attention` turns the decode kernel off again."""
+        """The compiled GPU path: SwiGLU's product gets a Triton kernel of its own, and a decode step's RoPE, cache
+        write and attention one flash-decoding kernel when the head dim is a power of two (kernels.py says why);
+        the same functions as without them. `set_attention` turns the decode kernel off again."""
         if enabled:
             from llama.kernels import decode_attention
             from llama.kernels import silu_mul as silu_mul_kernel

@@ -118,8 +118,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(dev)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.0f} GB/s",
           flush=True)
-    parts = {"--attention": [attention_variants], "--top-k": [top_k_variants]}
-    chosen = [parts[a][0] for a in sys.argv[1:] if a in parts]
+    parts = {"--attention": attention_variants, "--top-k": top_k_variants}
+    chosen = [parts[a] for a in sys.argv[1:] if a in parts]
     for part in chosen or [attention_variants, top_k_variants, down_variants]:
         try:
             part(bandwidth)

@@ -39,6 +39,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a decode step reads once each: all but the embedding table (only one row is read)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes read + written per second by a large device-to-device copy (the practical memory ceiling)."""
     if device.type != "cuda":
@@ -182,18 +187,18 @@ def main() -> None:
     else:
         hf, model = build_models(config_json, device, dtype, with_hf=any(s.startswith("hf") for s in systems))
     # Bytes one device reads per token: its own part of the layers plus the (replicated) output matrix.
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
+    step_bytes = weight_bytes(model)
     bandwidth, flops = copy_bandwidth(device), matmul_flops(device)
-    limit = bandwidth / weight_bytes  # batch-1 tokens/s if every step reads each weight once and nothing else
+    limit = bandwidth / step_bytes  # batch-1 tokens/s if every step reads each weight once and nothing else
     ranks = tensor_parallel.world_size if tensor_parallel else 1
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} x {ranks}, torch "
           f"{torch.__version__}, transformers {__import__('transformers').__version__}")
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s per device, bf16 matmul {flops / 1e12:.0f} TFLOP/s, "
-          f"non-embedding weights read per device {weight_bytes / 1e9:.2f} GB -> batch-1 limit {limit:.1f} tok/s")
+          f"non-embedding weights read per device {step_bytes / 1e9:.2f} GB -> batch-1 limit {limit:.1f} tok/s")
     if tensor_parallel:  # the ideal split: every weight read once, by one of the devices, all reading at once
         replicated = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                          if "norm" in n or n.startswith("lm_head"))
-        model_bytes = (weight_bytes - replicated) * ranks + replicated
+        model_bytes = (step_bytes - replicated) * ranks + replicated
         print(f"whole model's non-embedding weights {model_bytes / 1e9:.2f} GB over {ranks} devices -> "
               f"{ranks}-device limit {ranks * bandwidth / model_bytes:.1f} tok/s (ours, output matrix replicated: "
               f"{limit:.1f})")
@@ -245,7 +250,7 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "bandwidth": bandwidth, "flops": flops,
-                                               "weight_bytes": weight_bytes}, indent=1))
+                                               "weight_bytes": step_bytes}, indent=1))
     shutdown()
 
 

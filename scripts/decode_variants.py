@@ -5,7 +5,9 @@ attention over a long cache, for several variants in one run.
     python scripts/decode_variants.py --batch1    # batch 1: each matrix-vector product, cuBLAS against Triton;
                                                   # decode attention over a short cache; end-to-end variants
     python scripts/decode_variants.py --timeline OUT  # batch 1: every kernel of one generate call, with its start
-                                                  # and duration (OUT/timeline_MODE.json.gz)
+                                                  # and duration (OUT/timeline_MODE.json.gz); --modes sets their
+                                                  # order, --set KEY=VALUE tries an Inductor setting
+    python scripts/decode_variants.py --long      # decode at 32k and 128k tokens of context
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import copy_bandwidth, matmul_flops, random_engine_model, time_ours  # noqa: E402
+from bench import copy_bandwidth, matmul_flops, random_engine_model, time_ours, weight_bytes  # noqa: E402
 
 from llama.config import ModelConfig  # noqa: E402
 from llama.generate import decode_step  # noqa: E402
@@ -140,12 +142,12 @@ def long_generation(model: Transformer, context: int, new_tokens: int) -> dict:
 def long_context(model: Transformer, config: ModelConfig) -> None:
     """Batch-1 decode after a 32k and a 128k-token prompt, against the bandwidth limit counting the KV bytes."""
     bandwidth = copy_bandwidth(torch.device("cuda"))
-    weight_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if "embed" not in n)
+    step_bytes = weight_bytes(model)
     kv_bytes_per_position = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2
     for context in (32768, 131072 - 64):
         torch._dynamo.reset()
         result = long_generation(model, context, 64)
-        limit = bandwidth / (weight_bytes + kv_bytes_per_position * (context + 32))
+        limit = bandwidth / (step_bytes + kv_bytes_per_position * (context + 32))
         print(f"long context {json.dumps(result)}; limit {limit:.1f} tok/s -> {result['decode_tok_s'] / limit:.0%}",
               flush=True)
 
@@ -262,9 +264,9 @@ def batch1(model: Transformer, config: ModelConfig) -> None:
 
     torch._inductor.config.coordinate_descent_tuning = True
     bandwidth = copy_bandwidth(torch.device("cuda"))
-    weight_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if "embed" not in n)
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB -> batch-1 limit "
-          f"{bandwidth / weight_bytes:.1f} tok/s", flush=True)
+    step_bytes = weight_bytes(model)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; weights {step_bytes / 1e9:.2f} GB -> batch-1 limit "
+          f"{bandwidth / step_bytes:.1f} tok/s", flush=True)
     gemv_variants(config, bandwidth)  # (autotunes `gemv` for every shape, on cold L2)
     short_attention_variants(config)
 
@@ -383,7 +385,7 @@ def main() -> None:
     torch._inductor.config.coordinate_descent_tuning = False
     config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
     model = random_engine_model(config, torch.device("cuda"), torch.bfloat16)
-    weight_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if "embed" not in n)
+    step_bytes = weight_bytes(model)
     rows = {}
     rows["eager"] = step_time(model, 1, 384, None)
     rows["reduce-overhead"] = step_time(model, 1, 384, "reduce-overhead")
@@ -406,7 +408,7 @@ def main() -> None:
     rows["multiply-and-sum GEMV + coordinate descent"] = step_time(model, 1, 384, "reduce-overhead")
     for name, seconds in rows.items():
         print(f"decode step batch 1 | {name:45s} | {seconds * 1e3:7.3f} ms | {1 / seconds:6.1f} tok/s | "
-              f"{weight_bytes / seconds / 1e9:6.0f} GB/s of weights", flush=True)
+              f"{step_bytes / seconds / 1e9:6.0f} GB/s of weights", flush=True)
     for context in (32768, 131072):
         for name, (seconds, bandwidth) in attention_variants(context).items():
             print(f"attention, one layer, context {context} | {name:32s} | {seconds * 1e6:8.1f} us | "

@@ -1,7 +1,7 @@
-"""The Triton kernels of the compiled GPU path (llama/kernels.py) against the model's own functions (outputs, and
-the KV cache the attention kernel writes), run by
-Triton's interpreter on the CPU in float32. Skipped where Triton is not installed (the CPU-only CI); on a GPU,
-scripts/gpu_check.py and scripts/batch1_kernels.py check them in bf16."""
+"""The Triton kernels of the compiled GPU path (llama/kernels.py) against the model's own functions and torch.topk
+(outputs, and the KV cache the attention kernel writes), run by Triton's interpreter on the CPU in float32.
+Skipped where Triton is not installed (the CPU-only CI); on a GPU, scripts/gpu_check.py and
+scripts/batch1_kernels.py check them in bf16."""
 
 import importlib.util
 import os

@@ -101,7 +101,7 @@ def test_two_stage_argmax_equals_torch_argmax(V):
 @pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, 5), (1.3, 1), (0.8, 49), (2.0, 500)])
 def test_the_in_step_choice_draws_what_sample_draws(temperature, top_k):
     """`pick` (inside the compiled step) and `sample` turn the same random draws into the same tokens."""
-    logits = (torch.randn(4000, 50, generator=torch.Generator().manual_seed(3)) * 3)
+    logits = torch.randn(4000, 50, generator=torch.Generator().manual_seed(3)) * 3
     params = SamplingParams(temperature=temperature, top_k=top_k)
     theirs = sample(logits, params, None, torch.Generator().manual_seed(7))
     race = exponential_race(logits.shape, logits.device, torch.Generator().manual_seed(7))
