@@ -16,6 +16,7 @@ from torch import Tensor
 from llama.config import ModelConfig
 from llama.generate import GenerationResult, SamplingParams, decode_step, generate_tokens
 from llama.model import Transformer
+from llama.quant import QuantizationConfig
 from llama.tokenizer import Tokenizer, load_tokenizer
 from llama.tp import TensorParallel, shared_seed
 from llama.weights import find_checkpoint, load_model
@@ -134,17 +135,25 @@ class Llama:
         max_batch_size: int | None = None,
         progress: bool = True,
         compile: bool = False,
+        quantize: str | None = None,
+        group_size: int | None = None,
     ) -> Llama:
         """Load a checkpoint folder: Hugging Face layout (config.json + safetensors) or Meta's (params.json +
         consolidated.NN.pth, at the root or in `original/`). Under torchrun (WORLD_SIZE > 1) the model is split
-        over the ranks (tensor parallelism, see tp.py) and each rank loads only its part."""
+        over the ranks (tensor parallelism, see tp.py) and each rank loads only its part.
+
+        quantize: "int8" (one scale per output channel) or "int4" (a scale and a minimum per `group_size` input
+        features: 32, 64 (default), 128 or 256), weight-only, quantized on the device as each tensor is read
+        (quant.py). A checkpoint written by `llama quantize` is loaded quantized without the argument."""
+        quantization = QuantizationConfig.make(quantize, group_size)
         tensor_parallel = TensorParallel.from_environment()
         if tensor_parallel and device is None and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"
         device, dtype = default_device_and_dtype(device, dtype)
         _, folder = find_checkpoint(source)
         progress = progress and (tensor_parallel is None or tensor_parallel.rank == 0)
-        config, model = load_model(folder, device, dtype, progress=progress, tensor_parallel=tensor_parallel)
+        config, model = load_model(folder, device, dtype, progress=progress, tensor_parallel=tensor_parallel,
+                                   quantize=quantization)
         tokenizer = load_tokenizer(source) or load_tokenizer(folder)
         return cls(model, tokenizer, max_seq_len, max_batch_size, _generation_config_eos(Path(source)), compile,
                    config)
@@ -162,6 +171,13 @@ class Llama:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         self._release_cache()
         return self.model(tokens).float()
+
+    def perplexity(self, text: str, context: int = 512) -> float:
+        """exp(mean negative log-likelihood) of the text's tokens, scored in windows of `context` tokens, each run
+        alone (the exact definition is in perplexity.py, which also compares against a reference model)."""
+        from llama.perplexity import perplexity
+
+        return perplexity(self, text, context).perplexity
 
     # ------------------------------------------------------------------------ generation
     def generate(

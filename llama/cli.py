@@ -3,6 +3,8 @@
     llama generate --prompt "The capital of France is"       (no --model: the SmolLM2 demo model, offline)
     llama chat --model meta-llama/Llama-3.2-1B-Instruct --system "Be brief."
     llama download meta-llama/Llama-3.1-8B-Instruct [--dir DIR] [--original]
+    llama quantize --model SRC --quantize int4 --group-size 64 --out DIR
+    llama perplexity --model X --text FILE [--context 512] [--quantize int8] [--reference]
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                                                                 "(GPU: slower start, much faster decoding)")
     model.add_argument("--max-seq-len", type=int, help="cache positions per row (default: the model's context, "
                                                        "capped to what memory allows)")
+    model.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization, done as the weights "
+                                                                     "are read (default: none)")
+    model.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
+                       help="int4: input features per scale and minimum (default: 64)")
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--max-new-tokens", type=int, default=256)
     sampling.add_argument("--temperature", type=float, default=None,
@@ -72,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="answer this one message and exit")
     chat.set_defaults(run=_chat)
 
+    quantize = commands.add_parser("quantize", parents=[model], help="write a quantized copy of a checkpoint")
+    quantize.add_argument("--out", type=Path, required=True, help="the folder to write")
+    quantize.set_defaults(run=_quantize)
+
+    perplexity = commands.add_parser("perplexity", parents=[model], help="perplexity of a text file")
+    perplexity.add_argument("--text", type=Path, required=True, help="a UTF-8 text file")
+    perplexity.add_argument("--context", type=int, default=512, help="tokens per window (default: 512)")
+    perplexity.add_argument("--reference", action="store_true",
+                            help="also load the model unquantized and report the KL divergence from it and how "
+                                 "often both pick the same top token")
+    perplexity.set_defaults(run=_perplexity)
+
     download = commands.add_parser("download", help="fetch what the engine needs from the Hugging Face Hub")
     download.add_argument("repo_id")
     download.add_argument("--dir", type=Path, help="put the files here instead of the hub cache")
@@ -81,19 +99,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace):
-    import llama
+def _model_folder(args: argparse.Namespace) -> Path:
     from llama.hub import resolve_model
 
+    if args.group_size is not None and args.quantize != "int4":
+        raise ValueError("--group-size needs --quantize int4")
     if args.model is None:
         from llama.demo_model import ensure_demo_model
 
-        folder = ensure_demo_model()
-    else:
-        folder = resolve_model(args.model)
-    print(f"loading {folder}", file=sys.stderr)
+        return ensure_demo_model()
+    return resolve_model(args.model)
+
+
+def _load(args: argparse.Namespace, quantize: bool = True):
+    import llama
+
+    folder = _model_folder(args)
+    print(f"loading {folder}" + (f" ({args.quantize})" if args.quantize and quantize else ""), file=sys.stderr)
     return llama.Llama.from_pretrained(folder, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                                       compile=args.compile)
+                                       compile=args.compile, quantize=args.quantize if quantize else None,
+                                       group_size=args.group_size if quantize else None)
 
 
 def _options(args: argparse.Namespace, default_temperature: float) -> dict:
@@ -158,6 +183,56 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(answer)})
         if not interactive:
             return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import time
+
+    from llama.api import default_device_and_dtype
+    from llama.quant import QuantizationConfig, quantized_bytes
+    from llama.weights import find_checkpoint, load_model, save_quantized
+
+    if args.quantize is None:
+        raise ValueError("--quantize is required: int8 or int4")
+    quantization = QuantizationConfig.make(args.quantize, args.group_size)
+    folder = _model_folder(args)
+    kind, _ = find_checkpoint(folder)
+    if kind != "hf":
+        raise ValueError(f"{folder}: llama quantize reads Hugging Face checkpoints (config.json + safetensors)")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    device, dtype = default_device_and_dtype(args.device, args.dtype)
+    start = time.perf_counter()
+    print(f"quantizing {folder} to {args.quantize} on {device}", file=sys.stderr)
+    _, model = load_model(folder, device, dtype, quantize=quantization)
+    files = save_quantized(model, quantization, folder, args.out)
+    written = sum(f.stat().st_size for f in files)
+    source = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    print(f"wrote {args.out}: {written / 1e6:.1f} MB in {len(files)} file(s), {written / source:.1%} of the "
+          f"source's {source / 1e6:.1f} MB ({quantized_bytes(model) / 1e6:.1f} MB on the device); "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(args.out)
+    return 0
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from llama.perplexity import perplexity
+
+    if args.context < 2:
+        raise ValueError(f"--context {args.context}: must be >= 2")
+    if not args.text.is_file():
+        raise ValueError(f"--text {args.text}: no such file")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {args.text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if args.reference and not args.quantize:
+        raise ValueError("--reference compares against the unquantized model: give --quantize too")
+    llm = _load(args)
+    reference = _load(args, quantize=False) if args.reference else None
+    result = perplexity(llm, text, args.context, reference=reference, progress=True)
+    print(result.summary())
+    return 0
 
 
 def _download(args: argparse.Namespace) -> int:

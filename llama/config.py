@@ -97,6 +97,12 @@ class ModelConfig:
         for key, allowed in _MUST_EQUAL.items():
             if key in config and config[key] not in allowed:
                 raise ConfigError(f"{source}: {key}={config[key]!r} is not supported (supported: {allowed})")
+        quantization = config.get("quantization_config")  # (read by quant.py; only the engine's own is honoured)
+        if quantization is not None and not (isinstance(quantization, dict)
+                                             and quantization.get("quant_method") == "llamaref"):
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+            raise ConfigError(f"{source}: quantization_config with quant_method {method!r} is not supported (only "
+                              f"'llamaref', written by `llama quantize`)")
         unknown = sorted(set(config) - _HF_KEYS_READ - set(_MUST_EQUAL) - _HF_KEYS_WITHOUT_EFFECT)
         if unknown:
             warnings.warn(f"{source}: keys not used by this engine: {', '.join(unknown)}", stacklevel=3)
@@ -252,12 +258,11 @@ _HF_KEYS_READ = {
     "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "intermediate_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
-    "bos_token_id", "eos_token_id",
+    "bos_token_id", "eos_token_id", "quantization_config",
 }
 # keys that change the math, with the only values the engine implements
 _MUST_EQUAL = {
     "hidden_act": ("silu",),
-    "quantization_config": (None,),
     "sliding_window": (None,),
     "logits_scaling": (None, 1, 1.0),
     "embedding_multiplier": (None, 1, 1.0),

@@ -303,7 +303,8 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:  # Llama 3.2 1B/3B: one [V, C] matrix embeds and un-embeds
+        # Llama 3.2 1B/3B: one [V, C] matrix embeds and un-embeds (a quantized lm_head holds its own copy)
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, logits_at: Tensor | None = None) -> Tensor:

@@ -82,6 +82,11 @@ class TensorParallel:
         if module in ROW_PARALLEL:
             if kind == "bias":  # added once, after the all-reduce sums the ranks' partial outputs
                 return source[:] if r == 0 else torch.zeros(shape)
+            if len(shape) == 1:  # an int8 layer's scales: one per output row, the same on every rank
+                return source[:]
+            if shape[1] % W:  # (an int4 layer's groups must not straddle two ranks)
+                raise ValueError(f"{name}: its {shape[1]} columns do not split evenly over {W} tensor-parallel "
+                                 f"ranks; run with a number of processes that divides it")
             n = shape[1] // W
             return source[:, r * n:(r + 1) * n]
         return source[:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +23,10 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from llama import quant
 from llama.config import ModelConfig
 from llama.model import Transformer
+from llama.quant import QuantizationConfig, QuantizedLinear, quantize_module_tree, read_quantization_config
 
 if TYPE_CHECKING:
     from llama.tp import TensorParallel
@@ -54,11 +57,21 @@ def find_checkpoint(folder: str | Path) -> tuple[str, Path]:
 
 def load_model(
     folder: str | Path, device: torch.device, dtype: torch.dtype, progress: bool = True,
-    tensor_parallel: TensorParallel | None = None,
+    tensor_parallel: TensorParallel | None = None, quantize: QuantizationConfig | None = None,
 ) -> tuple[ModelConfig, Transformer]:
     """The checkpoint's config and the model, on `device` in `dtype`. With `tensor_parallel`, this rank's part
-    of the model, read slice by slice (see tp.py); the config returned is the whole model's."""
+    of the model, read slice by slice (see tp.py); the config returned is the whole model's.
+
+    With `quantize` (quant.py), each weight is quantized on `device` as it is read, so the model is never held in
+    full precision. A checkpoint written by `llama quantize` loads as it is (`quantize` may be None or must
+    match it)."""
     kind, folder = find_checkpoint(folder)
+    stored = read_quantization_config(folder) if kind == "hf" else None
+    if stored and quantize and quantize != stored:
+        raise ValueError(f"{folder} is already quantized ({stored.mode}"
+                         + (f", group_size {stored.group_size}" if stored.group_size else "")
+                         + f"); it cannot be loaded as {quantize.mode}: leave quantize out")
+    quantize = stored or quantize
     if kind == "hf":
         config = ModelConfig.from_file(folder / "config.json")
         tensors = _hf_tensors(folder, config)
@@ -69,6 +82,9 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(tensor_parallel.local_config(config) if tensor_parallel else config)
     model = model.to(dtype)
+    if quantize:
+        with torch.device("meta"):
+            quantize_module_tree(model, quantize, dtype)
     try:
         model = model.to_empty(device=device)  # allocated once, in the final dtype, uninitialised
     except torch.OutOfMemoryError as e:
@@ -79,7 +95,11 @@ def load_model(
         ) from e
     model.tie_weights()
     model.rope.reset_parameters()  # inv_freq is computed in float32, not loaded
-    _copy_into(model, tensors, progress, tensor_parallel.take if tensor_parallel else _whole)
+    _copy_into(model, tensors, progress, tensor_parallel.take if tensor_parallel else _whole, prequantized=stored)
+    if quantize and config.tie_word_embeddings and not stored:  # the output projection's own int8 copy
+        model.lm_head.load_rows_(0, model.embed_tokens.weight)
+    if quantize:
+        quant.pack(model)
     if tensor_parallel:
         tensor_parallel.attach(model)
     return config, model.eval()
@@ -89,30 +109,62 @@ def _whole(name: str, source: Any) -> Tensor:
     return source[:]  # a tensor, or a safetensors slice read completely
 
 
-def load_targets(model: Transformer) -> dict[str, Tensor]:
+def load_targets(model: Transformer, prequantized: bool = False) -> dict[str, Tensor | QuantizedRows]:
     """Where each checkpoint tensor goes: its name in the engine's vocabulary -> the parameter, or the row block
-    of a stacked parameter (q/k/v_proj in attention.qkv_proj, gate/up_proj in mlp.gate_up_proj)."""
-    targets = {}
+    of a stacked parameter (q/k/v_proj in attention.qkv_proj, gate/up_proj in mlp.gate_up_proj).
+
+    A quantized layer (quant.py) takes `.weight` as rows it quantizes as they are copied in, or, from a
+    checkpoint that is already quantized (`prequantized`), its stored tensors (`.qweight`, `.scales`, ...)."""
+    targets: dict[str, Tensor | QuantizedRows] = {}
+    tied_copy = model.config.tie_word_embeddings and isinstance(model.lm_head, QuantizedLinear)
     for name, param in model.named_parameters():  # tied weights appear once, under their first name
         module_name, _, kind = name.rpartition(".")  # kind: "weight" or "bias"
-        prefix, _, leaf = module_name.rpartition(".")
-        if leaf in _STACKED:
-            blocks = param.split(model.get_submodule(prefix).qkv_sizes if leaf == "qkv_proj" else param.shape[0] // 2)
-            for part, block in zip(_STACKED[leaf], blocks):
-                targets[f"{prefix}.{part}.{kind}"] = block  # a view: copying into it fills the stacked parameter
-        else:
-            targets[name] = param
+        for part, rows in _row_blocks(model, module_name):
+            targets[f"{part}.{kind}"] = param[rows]  # a view: copying into it fills the stacked parameter
+    for module_name, layer in quant.quantized_layers(model).items():
+        if module_name == "lm_head" and tied_copy and not prequantized:
+            continue  # filled from the embedding table after loading
+        for part, rows in _row_blocks(model, module_name):
+            if prequantized:
+                targets |= {f"{part}.{stored}": getattr(layer, stored)[rows] for stored in layer.stored}
+            else:
+                targets[f"{part}.weight"] = QuantizedRows(layer, rows)
     return targets
+
+
+def _row_blocks(model: Transformer, module_name: str) -> list[tuple[str, slice]]:
+    """The checkpoint's modules that fill module_name, each with its rows: q/k/v_proj in qkv_proj, gate/up_proj
+    in gate_up_proj, else the module itself, whole."""
+    prefix, _, leaf = module_name.rpartition(".")
+    if leaf not in _STACKED:
+        return [(module_name, slice(None))]
+    module = model.get_submodule(module_name)
+    sizes = (model.get_submodule(prefix).qkv_sizes if leaf == "qkv_proj" else [module.out_features // 2] * 2)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(f"{prefix}.{part}", slice(start, start + size))
+            for part, start, size in zip(_STACKED[leaf], starts, sizes)]
+
+
+class QuantizedRows:
+    """Rows of a quantized layer, as a load target: `copy_(dense)` quantizes the dense rows into it."""
+
+    def __init__(self, layer: QuantizedLinear, rows: slice):
+        self.layer = layer
+        self.start = rows.start or 0
+        self.shape = ((rows.stop or layer.out_features) - self.start, layer.in_features)
+
+    def copy_(self, dense: Tensor) -> None:
+        self.layer.load_rows_(self.start, dense)
 
 
 _STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def _copy_into(model: Transformer, tensors: Iterator[tuple[str, str, Any]], progress: bool,
-               take: Callable[[str, Any], Tensor] = _whole) -> None:
+               take: Callable[[str, Any], Tensor] = _whole, prequantized: bool = False) -> None:
     """Copy (name, origin, source) triples into the model's parameters, every target exactly once. A source is a
     tensor or a safetensors slice; `take` reads the part this process holds (all of it without parallelism)."""
-    targets = load_targets(model)
+    targets = load_targets(model, prequantized)
     loaded: set[str] = set()
     bar = tqdm(total=len(targets), desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for name, origin, source in tensors:
@@ -127,8 +179,11 @@ def _copy_into(model: Transformer, tensors: Iterator[tuple[str, str, Any]], prog
             raise CheckpointError(
                 f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(target.shape)}"
             )
+        if isinstance(target, Tensor) and target.dtype in (torch.int8, torch.uint8) and tensor.dtype != target.dtype:
+            raise CheckpointError(f"{origin}: tensor {name!r} is {tensor.dtype}, the quantized layer stores "
+                                  f"{target.dtype}")
         with torch.no_grad():
-            target.copy_(tensor)  # converts dtype and moves to the device in one step
+            target.copy_(tensor)  # converts dtype and moves to the device in one step (or quantizes, there)
         loaded.add(name)
         bar.update()
     bar.close()
@@ -290,3 +345,79 @@ def _meta_tensors(shards: list[tuple[Path, dict[str, Tensor]]], config: ModelCon
         if heads and tensor.shape[0] == heads * config.head_dim:  # a wrong shape is reported by _copy_into
             tensor = permute_meta_rotary(tensor, heads)
         yield engine_name, f"{folder}/consolidated.*.pth ({name})", tensor
+
+
+# ---------------------------------------------------------------------------- writing a quantized checkpoint
+SHARD_BYTES = 4 * 2**30  # safetensors files of at most this many bytes (as Hugging Face shards)
+_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+               "special_tokens_map.json", "original/tokenizer.model")
+
+
+def engine_to_hf_name(name: str) -> str:
+    """The inverse of `hf_to_engine_name`."""
+    for pattern, replacement in _ENGINE_RENAMES:
+        renamed, n = re.subn(pattern, replacement, name)
+        if n:
+            return renamed
+    return name
+
+
+_ENGINE_RENAMES = [
+    (r"^embed_tokens\.", "model.embed_tokens."),
+    (r"^norm\.", "model.norm."),
+    (r"^layers\.(\d+)\.attention\.", r"model.layers.\1.self_attn."),
+    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
+]
+
+
+def save_quantized(model: Transformer, quantization: QuantizationConfig, source: Path, out: Path,
+                   progress: bool = True) -> list[Path]:
+    """Write a quantized model as a Hugging Face folder: its tensors under their Hugging Face names (stacked
+    projections split back into q/k/v and gate/up; a quantized layer's stored buffers as `.qweight`, `.scales`,
+    `.mins`), config.json from `source` plus a `quantization_config`, and the tokenizer and generation files of
+    `source`. `from_pretrained(out)` loads it as it is. Returns the safetensors files written."""
+    from safetensors.torch import save_file
+
+    config = json.loads((source / "config.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("*.safetensors"), out / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)  # a stale shard would be read as part of the new checkpoint
+    tensors: dict[str, Tensor] = {}
+    for name, param in model.named_parameters():
+        module_name, _, kind = name.rpartition(".")
+        for part, rows in _row_blocks(model, module_name):
+            tensors[engine_to_hf_name(f"{part}.{kind}")] = param[rows]
+    for module_name, layer in quant.quantized_layers(model).items():
+        for part, rows in _row_blocks(model, module_name):
+            for stored in layer.stored:
+                tensors[engine_to_hf_name(f"{part}.{stored}")] = getattr(layer, stored)[rows]
+
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    files = [out / "model.safetensors"] if len(shards) == 1 else [
+        out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for path, shard in tqdm(list(zip(files, shards)), desc="writing", unit="file", disable=not progress,
+                            leave=False):
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in shard.items()}, str(path),
+                  metadata={"format": "pt"})
+    if len(files) > 1:
+        weight_map = {name: path.name for path, shard in zip(files, shards) for name in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config["quantization_config"] = quantization.to_json()
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for side in _SIDE_FILES:
+        if (source / side).exists() and (source / side).resolve() != (out / side).resolve():
+            (out / side).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / side, out / side)
+    return files

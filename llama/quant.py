@@ -1,0 +1,278 @@
+"""Weight-only quantization: int8 per output channel and int4 per group of input features, added to a model from
+outside `model.py` (the way tp.py adds tensor parallelism): the loader swaps each `nn.Linear` of the blocks, and
+the output projection, for a quantized layer before any weight is read, and fills it tensor by tensor.
+
+    int8   w[n, k] ~ q[n, k] * scale[n]                      q in [-127, 127], scale[n] = max_k |w[n, k]| / 127
+    int4   w[n, k] ~ q[n, k] * scale[n, g] + min[n, g]       q in [0, 15], g = k // group_size, over each group:
+                                                             min = min_k w, scale = (max_k w - min_k w) / 15
+
+int8 is symmetric with one scale per output channel (as gpt-fast and torchao); int4 is asymmetric per group of
+`group_size` consecutive input features, "a scale and a minimum" as in GGUF's Q4_1 (tinygemm's "scale and zero
+point" is the same grid: zero = min + 8 * scale, q - 8). Activations stay in the model dtype; every product is
+accumulated in float32.
+
+Which layers: every projection of the blocks (q/k/v, o, gate/up, down) in the chosen mode, and the output
+projection (lm_head) in int8 in both modes: it is 7% of an 8B model's bytes and 21% of SmolLM2's, and int4 on it
+costs more perplexity than it saves time (docs/benchmarks.md). The embedding table stays in the model dtype: a
+token reads one row of it, so it costs memory, not speed. A tied output projection gets its own int8 copy.
+
+Stored layout (the layers' buffers, and the tensors of a saved checkpoint, suffixes of the Hugging Face names):
+    int8   qweight int8 [N, K], scales [N]
+    int4   qweight uint8 [N, Kp / 2] (q[n, 2j] in the low nibble of byte j, q[n, 2j+1] in the high one),
+           scales and mins [N, Kp / G]; Kp = K rounded up to a multiple of G (the padding's inputs are zero)
+How a layer multiplies (`kernel`): on a GPU, the Triton kernels of quant_kernels.py read this layout directly;
+on a CPU, torch's own weight-only kernels, after `pack` has turned it into theirs; `reference` (the plain
+formula: dequantize, then `F.linear`) is the path every kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 64
+QUANT_METHOD = "llamaref"  # config.json's quantization_config.quant_method for checkpoints written by `llama quantize`
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    mode: str  # "int8" or "int4"
+    group_size: int | None = None  # int4 only
+
+    @classmethod
+    def make(cls, quantize: str | None, group_size: int | None) -> QuantizationConfig | None:
+        """Check the user's `quantize` and `group_size` arguments; None when nothing is quantized."""
+        if quantize is None:
+            if group_size is not None:
+                raise ValueError(f"group_size={group_size!r} needs quantize='int4'")
+            return None
+        if quantize not in MODES:
+            raise ValueError(f"quantize={quantize!r}: choose from {', '.join(MODES)}")
+        if quantize == "int8":
+            if group_size is not None:
+                raise ValueError(f"group_size={group_size!r}: int8 has one scale per output channel, no groups")
+            return cls("int8")
+        if group_size is None:
+            group_size = DEFAULT_GROUP_SIZE
+        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size={group_size!r}: choose from {', '.join(map(str, GROUP_SIZES))}")
+        return cls("int4", int(group_size))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "mode": self.mode, "group_size": self.group_size,
+                "output": "int8", "modules_not_quantized": ["embed_tokens"]}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> QuantizationConfig:
+        """config.json's quantization_config, as `to_json` writes it; anything else is a ValueError naming it."""
+        if not isinstance(data, dict) or data.get("quant_method") != QUANT_METHOD:
+            method = data.get("quant_method") if isinstance(data, dict) else data
+            raise ValueError(f"{source}: quantization_config with quant_method {method!r} is not supported (only "
+                             f"{QUANT_METHOD!r}, written by `llama quantize`)")
+        try:
+            return cls.make(data.get("mode"), data.get("group_size"))
+        except ValueError as e:
+            raise ValueError(f"{source}: quantization_config: {e}") from None
+
+
+def read_quantization_config(folder: Path) -> QuantizationConfig | None:
+    path = folder / "config.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("quantization_config") is None:
+        return None
+    return QuantizationConfig.from_json(data["quantization_config"], str(path))
+
+
+# ---------------------------------------------------------------------------- the formulas
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (q int8 [N, K], scale float32 [N]) with w ~ q * scale[:, None]."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # an all-zero row keeps a tiny nonzero scale
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """w [N, K] -> (qweight uint8 [N, Kp/2], scales float32 [N, Kp/G], mins float32 [N, Kp/G]).
+
+    Each group of G consecutive input features gets min = its smallest weight and scale = its range / 15, so its
+    smallest and largest weights are exact; q = round((w - min) / scale). A K that G does not divide is padded by
+    repeating each row's last weight, which widens no group's range."""
+    N, K = w.shape
+    w = w.float()
+    padded = -(-K // group_size) * group_size
+    if padded != K:
+        w = torch.cat([w, w[:, -1:].expand(N, padded - K)], dim=1)
+    groups = w.view(N, padded // group_size, group_size)  # [N, Kp/G, G]
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, Kp/G]
+    scale = ((high - low) / 15).clamp(min=1e-12)  # a constant group: any scale, q = 0 is exact
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(N, padded)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale, low
+
+
+def unpack_int4(qweight: Tensor) -> Tensor:
+    """uint8 [N, Kp/2] -> the 4-bit values q [N, Kp] (uint8): low nibble first."""
+    return torch.stack([qweight & 15, qweight >> 4], dim=-1).view(qweight.shape[0], -1)
+
+
+def dequantize_int4(qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int, in_features: int) -> Tensor:
+    q = unpack_int4(qweight).float()  # [N, Kp]
+    scale = scales.float().repeat_interleave(group_size, dim=1)
+    low = mins.float().repeat_interleave(group_size, dim=1)
+    return (q * scale + low)[:, :in_features]
+
+
+# ---------------------------------------------------------------------------- the layers
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 layers share: the shape, an optional bias, loading rows, and the kernel choice."""
+
+    stored: tuple[str, ...] = ()  # the buffers a saved checkpoint holds
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.kernel = True  # False: the reference formula
+
+    def load_rows_(self, start: int, dense: Tensor) -> None:
+        """Quantize dense rows [n, K] (any float dtype, any device) into rows start .. start + n."""
+        raise NotImplementedError
+
+    def dequantized(self) -> Tensor:
+        """The weight the layer multiplies by, [N, K] float32."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.kernel and (x.is_cuda or rows == 1):
+            y = self._kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+        else:  # (on a CPU, a prefill is faster as dequantize + one dense matmul than in torch's weight-only ops)
+            y = F.linear(x, self.dequantized().to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def _kernel(self, x: Tensor) -> Tensor:  # x [M, K] -> [M, N]
+        raise NotImplementedError
+
+    def pack(self) -> None:
+        """Give the device's kernel the layout it reads, where it is not the stored one."""
+
+
+class Int8Linear(QuantizedLinear):
+    stored = ("qweight", "scales")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__(in_features, out_features, bias, dtype)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))  # [N, K]
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype))  # [N]
+
+    @torch.no_grad()
+    def load_rows_(self, start: int, dense: Tensor) -> None:
+        q, scale = quantize_int8(dense.to(self.qweight.device))
+        self.qweight[start:start + len(q)] = q
+        self.scales[start:start + len(q)] = scale
+
+    def dequantized(self) -> Tensor:
+        return dequantize_int8(self.qweight, self.scales)
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        if x.is_cuda:
+            from llama.quant_kernels import int8_linear
+
+            return int8_linear(x, self.qweight, self.scales)
+        return torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
+
+
+class Int4Linear(QuantizedLinear):
+    stored = ("qweight", "scales", "mins")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 group_size: int = DEFAULT_GROUP_SIZE):
+        super().__init__(in_features, out_features, bias, dtype)
+        self.group_size = group_size
+        self.padded_in_features = padded = -(-in_features // group_size) * group_size  # Kp
+        self.register_buffer("qweight", torch.empty(out_features, padded // 2, dtype=torch.uint8))  # [N, Kp/2]
+        self.register_buffer("scales", torch.empty(out_features, padded // group_size, dtype=dtype))  # [N, Kp/G]
+        self.register_buffer("mins", torch.empty(out_features, padded // group_size, dtype=dtype))  # [N, Kp/G]
+
+    @torch.no_grad()
+    def load_rows_(self, start: int, dense: Tensor) -> None:
+        qweight, scale, low = quantize_int4(dense.to(self.qweight.device), self.group_size)
+        rows = slice(start, start + len(qweight))
+        self.qweight[rows], self.scales[rows], self.mins[rows] = qweight, scale, low
+
+    def dequantized(self) -> Tensor:
+        return dequantize_int4(self.qweight, self.scales, self.mins, self.group_size, self.in_features)
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.padded_in_features:  # the padded inputs meet weights that are not there
+            x = F.pad(x, (0, self.padded_in_features - x.shape[-1]))
+        if x.is_cuda:
+            from llama.quant_kernels import int4_linear
+
+            return int4_linear(x, self.qweight, self.scales, self.mins, self.group_size)
+        self.pack()
+        return torch._weight_int4pack_mm_for_cpu(x, self.cpu_qweight, self.group_size, self.cpu_scales_and_zeros)
+
+    def pack(self) -> None:
+        """On a CPU: torch's int4 kernel reads its own layout, q - 8 beside a zero point (zero = min + 8 * scale),
+        kept beside the stored one (which the prefill dequantizes, and a saved checkpoint holds)."""
+        if hasattr(self, "cpu_qweight") or self.qweight.device.type != "cpu":
+            return
+        q = unpack_int4(self.qweight).to(torch.int32)  # [N, Kp]
+        zeros = (self.mins.float() + 8 * self.scales.float()).to(self.scales.dtype)
+        self.register_buffer("cpu_qweight", torch._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        self.register_buffer("cpu_scales_and_zeros", torch.stack([self.scales, zeros], dim=-1).transpose(0, 1)
+                             .contiguous(), persistent=False)  # [Kp/G, N, 2]
+
+
+# ---------------------------------------------------------------------------- whole models
+def quantize_module_tree(model: nn.Module, config: QuantizationConfig, dtype: torch.dtype) -> None:
+    """Swap the blocks' projections (config.mode) and lm_head (int8) for empty quantized layers, in place; call it
+    on a model built on the meta device, before the weights are read."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        bias = module.bias is not None
+        if config.mode == "int4" and name != "lm_head":
+            layer: QuantizedLinear = Int4Linear(module.in_features, module.out_features, bias, dtype,
+                                                config.group_size)
+        else:
+            layer = Int8Linear(module.in_features, module.out_features, bias, dtype)
+        setattr(parent, leaf, layer)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def use_reference(model: nn.Module, enabled: bool = True) -> None:
+    """Multiply by the dequantized weights in plain PyTorch (the formula the kernels are tested against)."""
+    for layer in quantized_layers(model).values():
+        layer.kernel = not enabled
+
+
+def pack(model: nn.Module) -> None:
+    for layer in quantized_layers(model).values():
+        layer.pack()
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of the model (what it holds on its device)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
