@@ -85,6 +85,15 @@ def load_model(
     if quantize:
         with torch.device("meta"):
             quantize_module_tree(model, quantize, dtype)
+        if stored and tensor_parallel and stored.mode == "int4":  # row-parallel slices must hold whole groups
+            from llama.tp import ROW_PARALLEL
+
+            for name, layer in quant.quantized_layers(model).items():
+                if name.endswith(ROW_PARALLEL) and layer.in_features % stored.group_size:
+                    raise ValueError(f"{folder}: group_size {stored.group_size} does not divide the "
+                                     f"{layer.in_features} input features of {name} that each of the "
+                                     f"{tensor_parallel.world_size} ranks holds: use fewer ranks, or quantize on "
+                                     f"load (--quantize int4)")
     try:
         model = model.to_empty(device=device)  # allocated once, in the final dtype, uninitialised
     except torch.OutOfMemoryError as e:

@@ -1,0 +1,223 @@
+"""Weight-only int8 / int4 quantization (llama/quant.py): the formulas, the layers against the dequantized weight's
+matmul, checkpoints written by `llama quantize`, bad arguments, and the quality on the real SmolLM2 weights against
+transformers' perplexity by the definition in llama/perplexity.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import official_config, shrink, write_hf_checkpoint
+
+import llama
+from llama import quant
+from llama.cli import main
+from llama.perplexity import windows
+from llama.quant import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+
+TEXT = Path("/usr/share/common-licenses/GPL-3")  # real English prose, in Debian's base-files everywhere
+
+
+# ---------------------------------------------------------------------------- the formulas
+def test_int8_is_symmetric_per_output_channel():
+    torch.manual_seed(0)
+    w = torch.randn(7, 50) * torch.rand(7, 1) * 3
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (7,)
+    torch.testing.assert_close(scale, w.abs().amax(1) / 127)  # scale = max |w| / 127, row by row
+    assert torch.equal(q, torch.round(w / scale[:, None]).to(torch.int8))
+    error = (dequantize_int8(q, scale) - w).abs()
+    assert (error <= scale[:, None] / 2 * (1 + 1e-5)).all()  # round to nearest: at most half a step
+    assert torch.equal(q.abs().amax(1), torch.full((7,), 127, dtype=torch.int8))  # the largest |w| is exact
+
+
+def test_int4_reproduces_a_weight_already_on_a_4_bit_grid_per_group():
+    # The SmolLM2 weights came from GGUF Q4_1 blocks of 32: q * d + m. A correct grouping finds each block's grid.
+    torch.manual_seed(0)
+    G = 32
+    q = torch.randint(0, 16, (6, 4 * G))
+    q[:, ::G], q[:, 1::G] = 0, 15  # every group spans the whole grid
+    d, m = torch.rand(6, 4) + 0.1, torch.randn(6, 4)
+    w = q * d.repeat_interleave(G, 1) + m.repeat_interleave(G, 1)
+    qweight, scales, mins = quantize_int4(w, G)
+    assert qweight.shape == (6, 2 * G) and qweight.dtype == torch.uint8
+    torch.testing.assert_close(scales, d, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mins, m, rtol=0, atol=1e-6)
+    assert torch.equal(quant.unpack_int4(qweight).long(), q)  # low nibble = even feature
+    torch.testing.assert_close(dequantize_int4(qweight, scales, mins, G, 4 * G), w, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("G", [32, 64, 128, 256])
+def test_int4_error_is_at_most_half_a_step_and_groups_keep_their_extremes(G):
+    torch.manual_seed(G)
+    K = 3 * G + G // 2  # not a multiple of G: the last group is padded
+    w = torch.randn(5, K)
+    qweight, scales, mins = quantize_int4(w, G)
+    assert scales.shape == (5, 4) and qweight.shape == (5, 2 * G)
+    back = dequantize_int4(qweight, scales, mins, G, K)
+    assert back.shape == w.shape
+    step = scales.repeat_interleave(G, 1)[:, :K]
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    for g in range(4):
+        group = w[:, g * G:(g + 1) * G]
+        torch.testing.assert_close(mins[:, g], group.amin(1))
+        torch.testing.assert_close(scales[:, g], (group.amax(1) - group.amin(1)) / 15)
+
+
+# ---------------------------------------------------------------------------- the layers
+def _filled(layer, w):
+    layer.load_rows_(0, w)
+    return layer
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("make", [lambda: Int8Linear(200, 72), lambda: Int4Linear(200, 72, group_size=32),
+                                  lambda: Int4Linear(200, 72, group_size=128)], ids=["int8", "int4-g32", "int4-g128"])
+def test_quantized_layer_equals_the_dequantized_weights_matmul(make, rows):
+    torch.manual_seed(rows)
+    layer = _filled(make(), torch.randn(72, 200))
+    x = torch.randn(2, rows, 200)
+    expected = (x.double() @ layer.dequantized().double().T).float()
+    # float32 with float32 accumulation in torch's weight-only kernels (one row) or F.linear (more rows)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    quant.use_reference(layer)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- models and checkpoints
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    write_hf_checkpoint(folder, shrink(official_config("llama-3.2-1b"), intermediate_size=200))  # tied embeddings
+    return folder
+
+
+TOKENS = [[5, 9, 33, 7, 1, 2, 3, 4, 200, 201, 17, 19], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
+
+
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32), ("int4", 64)])
+def test_a_quantized_model_is_the_dense_model_with_dequantized_weights(tiny, mode, group):
+    dense = llama.Llama.from_pretrained(tiny, device="cpu", progress=False)
+    quantized = llama.Llama.from_pretrained(tiny, device="cpu", progress=False, quantize=mode, group_size=group)
+    layers = quant.quantized_layers(quantized.model)
+    assert set(layers) == {f"layers.{i}.{m}" for i in range(2) for m in (
+        "attention.qkv_proj", "attention.o_proj", "mlp.gate_up_proj", "mlp.down_proj")} | {"lm_head"}
+    assert isinstance(layers["lm_head"], Int8Linear)  # the output projection is int8 in both modes
+    with torch.no_grad():  # put the dequantized weights into the dense model: it must then compute the same
+        for name, layer in layers.items():
+            module = dense.model.get_submodule(name)
+            if name == "lm_head":  # tied: a copy of the embedding table, which itself stays dense
+                torch.testing.assert_close(layer.dequantized(), dense.model.embed_tokens.weight, rtol=0,
+                                           atol=layer.scales.max().item() / 2)
+                module.weight = torch.nn.Parameter(layer.dequantized())
+            else:
+                module.weight.copy_(layer.dequantized())
+    torch.testing.assert_close(quantized.logits(TOKENS), dense.logits(TOKENS), rtol=1e-4, atol=1e-4)
+    assert [r.token_ids for r in quantized.generate(TOKENS, max_new_tokens=8)] == \
+        [r.token_ids for r in dense.generate(TOKENS, max_new_tokens=8)]
+
+
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32)])
+def test_a_saved_quantized_checkpoint_loads_as_it_is_and_equals_quantizing_on_load(tiny, tmp_path, mode, group):
+    args = ["quantize", "--model", str(tiny), "--quantize", mode, "--out", str(tmp_path), "--device", "cpu"]
+    assert main(args + (["--group-size", str(group)] if group else [])) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "llamaref", "mode": mode, "group_size": group,
+                                             "output": "int8", "modules_not_quantized": ["embed_tokens"]}
+    on_load = llama.Llama.from_pretrained(tiny, device="cpu", progress=False, quantize=mode, group_size=group)
+    saved = llama.Llama.from_pretrained(tmp_path, device="cpu", progress=False)  # no argument, no re-quantization
+    assert torch.equal(saved.logits(TOKENS), on_load.logits(TOKENS))
+    with pytest.raises(ValueError, match="already quantized"):
+        llama.Llama.from_pretrained(tmp_path, device="cpu", progress=False, quantize="int8" if mode == "int4"
+                                    else "int4")
+
+
+def test_saved_file_sizes_are_the_quantized_tensors(smollm2_dir, tmp_path):
+    """SmolLM2 (576 wide, 30 layers, 49,152 tokens, tied): int4 g32 stores 4 bits per weight plus a float32 scale
+    and minimum per 32, the int8 output copy 1 byte per weight plus a scale per row, the embedding as it was."""
+    assert main(["quantize", "--model", str(smollm2_dir), "--quantize", "int4", "--group-size", "32", "--out",
+                 str(tmp_path), "--device", "cpu"]) == 0
+    config = llama.ModelConfig.from_file(smollm2_dir / "config.json")
+    C, F, V, L = config.dim, config.ffn_dim, config.vocab_size, config.n_layers
+    H, K, D = config.n_heads, config.n_kv_heads, config.head_dim
+    layer_weights = L * (C * (H + 2 * K) * D + H * D * C + 3 * C * F)
+    expected = layer_weights * (0.5 + 8 / 32) + V * C * 4 + (V * C + V * 4) + (2 * L + 1) * C * 4
+    written = (tmp_path / "model.safetensors").stat().st_size
+    assert expected < written < expected + 200_000  # (+ the JSON header naming 694 tensors)
+    assert written < 0.42 * (smollm2_dir / "model.safetensors").stat().st_size  # of the float32 source
+
+
+# ---------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(quantize="int3"), "quantize='int3': choose from int8, int4"),
+    (dict(quantize="int4", group_size=48), "group_size=48: choose from 32, 64, 128, 256"),
+    (dict(quantize="int8", group_size=64), "group_size=64: int8 has one scale per output channel"),
+    (dict(group_size=64), "group_size=64 needs quantize='int4'"),
+])
+def test_bad_quantize_arguments_are_value_errors_naming_them(tiny, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        llama.Llama.from_pretrained(tiny, device="cpu", progress=False, **kwargs)
+
+
+def test_cli_rejects_group_size_without_int4(tiny, capsys):
+    assert main(["generate", "--model", str(tiny), "--prompt", "1", "--group-size", "64"]) == 2
+    assert capsys.readouterr().err.strip() == "llama: error: --group-size needs --quantize int4"
+
+
+# ---------------------------------------------------------------------------- perplexity on real weights
+def test_perplexity_windows_follow_the_definition():
+    assert windows(list(range(10)), 4, bos_id=None) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert windows(list(range(9)), 4, bos_id=None) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # [8] has nothing to score
+    assert windows(list(range(7)), 4, bos_id=99) == [[99, 0, 1, 2], [99, 3, 4, 5], [99, 6]]
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return TEXT.read_text()[:12_000]  # 2,590 SmolLM2 tokens: six windows of 512 (and a short one)
+
+
+@pytest.fixture(scope="module")
+def fp32_perplexity(smollm2_dir, text) -> float:
+    return llama.Llama.from_pretrained(smollm2_dir, device="cpu", progress=False).perplexity(text, context=512)
+
+
+def test_fp32_perplexity_equals_transformers_by_the_definition(smollm2_dir, smollm2_reference, text,
+                                                               fp32_perplexity):
+    llm = llama.Llama.from_pretrained(smollm2_dir, device="cpu", progress=False)
+    assert not llm.tokenizer.adds_bos  # SmolLM2: windows of 512 text tokens, the first of each unscored
+    ids = llm.tokenizer.encode(text)
+    nll, scored = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 512):
+            window = torch.tensor([ids[start:start + 512]])
+            if window.shape[1] < 2:
+                continue
+            logprobs = smollm2_reference(window).logits.double().log_softmax(-1)[0, :-1]
+            nll -= logprobs.gather(-1, window[0, 1:, None]).sum().item()
+            scored += window.shape[1] - 1
+    assert abs(fp32_perplexity / math.exp(nll / scored) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("mode,group,bound", [("int8", None, 0.01), ("int4", 32, 0.03)])
+def test_quantized_perplexity_is_close_to_fp32(smollm2_dir, text, fp32_perplexity, mode, group, bound):
+    llm = llama.Llama.from_pretrained(smollm2_dir, device="cpu", progress=False, quantize=mode, group_size=group)
+    assert abs(llm.perplexity(text, context=512) / fp32_perplexity - 1) < bound
+
+
+def test_perplexity_command_prints_the_value_and_the_reference_comparison(smollm2_dir, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(TEXT.read_text()[:3000])
+    assert main(["perplexity", "--model", str(smollm2_dir), "--text", str(tmp_path / "t.txt"), "--context", "256",
+                 "--quantize", "int4", "--group-size", "32", "--reference"]) == 0
+    out = capsys.readouterr().out
+    value = float(out.split("perplexity: ")[1].split()[0])
+    llm = llama.Llama.from_pretrained(smollm2_dir, device="cpu", progress=False, quantize="int4", group_size=32)
+    assert value == pytest.approx(llm.perplexity(TEXT.read_text()[:3000], context=256), rel=1e-4)
+    assert "KL divergence from the reference" in out and "same top token" in out
+
+
+def test_perplexity_command_names_a_missing_text_file(smollm2_dir, tmp_path, capsys):
+    assert main(["perplexity", "--model", str(smollm2_dir), "--text", str(tmp_path / "nope.txt")]) == 2
+    assert capsys.readouterr().err.strip() == f"llama: error: --text {tmp_path / 'nope.txt'}: no such file"
