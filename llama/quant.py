@@ -276,3 +276,23 @@ def quantized_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer of the model (what it holds on its device)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: QuantizationConfig) -> nn.Module:
+    """A quantized copy of a loaded dense Transformer, on its device (the dense model is left as it is): for
+    benchmarks and checks that compare the two. Loading a checkpoint with `quantize=` never holds the dense one."""
+    from llama.model import Transformer
+
+    weight = model.embed_tokens.weight
+    with torch.device("meta"):
+        quantized = Transformer(model.config).to(weight.dtype)
+        quantize_module_tree(quantized, config, weight.dtype)
+    quantized = quantized.to_empty(device=weight.device)
+    quantized.rope.reset_parameters()
+    for name, param in quantized.named_parameters():  # embeddings, norms, biases
+        param.copy_(model.get_parameter(name))
+    for name, layer in quantized_layers(quantized).items():
+        layer.load_rows_(0, model.get_submodule(name).weight)
+    pack(quantized)
+    return quantized.eval()

@@ -381,15 +381,17 @@ _ENGINE_RENAMES = [
 ]
 
 
-def save_quantized(model: Transformer, quantization: QuantizationConfig, source: Path, out: Path,
+def save_quantized(model: Transformer, quantization: QuantizationConfig | None, source: Path | dict, out: Path,
                    progress: bool = True) -> list[Path]:
     """Write a quantized model as a Hugging Face folder: its tensors under their Hugging Face names (stacked
     projections split back into q/k/v and gate/up; a quantized layer's stored buffers as `.qweight`, `.scales`,
-    `.mins`), config.json from `source` plus a `quantization_config`, and the tokenizer and generation files of
-    `source`. `from_pretrained(out)` loads it as it is. Returns the safetensors files written."""
+    `.mins`), config.json from `source` (a folder, whose tokenizer and generation files are copied too, or the
+    config as a dict) plus a `quantization_config`, sharded above SHARD_BYTES. `from_pretrained(out)` loads it as
+    it is. (With quantization None it writes a dense model the same way: the benchmarks' random checkpoints.)
+    Returns the safetensors files written."""
     from safetensors.torch import save_file
 
-    config = json.loads((source / "config.json").read_text())
+    config = dict(source) if isinstance(source, dict) else json.loads((source / "config.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("*.safetensors"), out / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)  # a stale shard would be read as part of the new checkpoint
@@ -423,9 +425,10 @@ def save_quantized(model: Transformer, quantization: QuantizationConfig, source:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    config["quantization_config"] = quantization.to_json()
+    if quantization:
+        config["quantization_config"] = quantization.to_json()
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    for side in _SIDE_FILES:
+    for side in _SIDE_FILES if isinstance(source, Path) else ():
         if (source / side).exists() and (source / side).resolve() != (out / side).resolve():
             (out / side).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / side, out / side)

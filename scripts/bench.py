@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama import quant  # noqa: E402
 from llama.api import Llama  # noqa: E402
 from llama.config import ModelConfig  # noqa: E402
 from llama.model import Transformer  # noqa: E402
@@ -40,8 +41,11 @@ def sync(device: torch.device) -> None:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights a decode step reads once each: all but the embedding table (only one row is read)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
+    """Bytes of the weights a decode step reads once each: all but the embedding table (only one row is read),
+    quantized layers' buffers (weights, scales, minimums) included."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return sum(t.numel() * t.element_size() for n, t in tensors
+               if "embed" not in n and not n.startswith("rope.") and ".cache." not in n and ".cpu_" not in n)
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -162,7 +166,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--systems", default="hf,hf-static,ours,ours-compiled")
+    parser.add_argument("--systems", default="hf,hf-static,ours,ours-compiled",
+                        help="hf, hf-static, ours, ours-compiled; ours* may end in -int8 or -int4 (quantized)")
+    parser.add_argument("--group-size", type=int, default=64, help="int4 systems' group size")
     parser.add_argument("--modes", default="greedy,sample", help="greedy, and/or sample (T=0.8, top-k 200)")
     parser.add_argument("--varied", action="store_true", help="also batch 64 with prompt lengths 64..512")
     parser.add_argument("--json", help="write the rows here")
@@ -211,11 +217,13 @@ def main() -> None:
         lengths = torch.linspace(64, 512, 64).long().tolist()
         workloads.append(("batch 64, lengths 64..512",
                           [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]))
-    llms = {}
-    if "ours" in systems:
-        llms["ours"] = Llama(model, max_seq_len=1024)
-    if "ours-compiled" in systems:
-        llms["ours-compiled"] = Llama(model, max_seq_len=1024, compile=True)
+    llms, models = {}, {"": model}
+    for system in (s for s in systems if s.startswith("ours")):
+        mode = system.rpartition("-")[2] if system.endswith(quant.MODES) else ""
+        if mode not in models:
+            models[mode] = quant.quantize_model(model, quant.QuantizationConfig.make(
+                mode, args.group_size if mode == "int4" else None))
+        llms[system] = Llama(models[mode], max_seq_len=1024, compile="compiled" in system)
     for llm in llms.values():
         llm.eos_token_ids = []  # random weights: run every row the full length
 
@@ -248,6 +256,16 @@ def main() -> None:
         cells = [row["workload"], row["mode"], *(f"{row[s]:.1f}" for s in systems), ratio,
                  f"{share:.0%}" if share == share else ""]
         print("| " + " | ".join(cells) + " |")
+    if len(models) > 1 or set(systems) - {"hf", "hf-static", "ours", "ours-compiled"}:
+        print("\n| system | weights read per step (GB) | batch-1 limit (tok/s) | batch 1 greedy | share of limit |")
+        print("|---|---|---|---|---|")
+        greedy = next((row for row in rows if row["workload"] == "batch 1" and row["mode"] == "greedy"), {})
+        for system in (s for s in systems if s.startswith("ours")):
+            mode = system.rpartition("-")[2] if system.endswith(quant.MODES) else ""
+            nbytes = weight_bytes(models[mode])
+            speed = greedy.get(system, float("nan"))
+            print(f"| {system} | {nbytes / 1e9:.2f} | {bandwidth / nbytes:.1f} | {speed:.1f} | "
+                  f"{speed * nbytes / bandwidth:.0%} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "bandwidth": bandwidth, "flops": flops,
                                                "weight_bytes": step_bytes}, indent=1))

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama import quant  # noqa: E402
 from llama.api import CompiledDecodeStep, Llama  # noqa: E402
 from llama.generate import decode_step  # noqa: E402
 
@@ -94,8 +95,37 @@ def main() -> int:
              zip(greedy_eager, greedy_compiled)]
     print(f"free-running greedy, eager vs compiled: identical prefix per row {agree} of 64 (after a near-tie the "
           f"two continuations are different sequences)")
+    ok &= check_quantized(eager, tokens, baseline, compiled)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def check_quantized(dense: Llama, tokens: torch.Tensor, baseline: float, compiled: CompiledDecodeStep) -> bool:
+    """The quantized layers' Triton kernels (full forward: the many-row kernels; cached decode: the one-row ones,
+    eager and inside the compiled step) against the reference path, which multiplies by the dequantized weights
+    with F.linear, on the same quantized values in bf16. They may differ by bf16 rounding alone: at most 1.5x
+    transformers' own bf16 error against float32."""
+    ok = True
+    print("\n| quantized, kernels vs the dequantize + F.linear reference (bf16) | relative error | / transformers "
+          "bf16 |\n|---|---|---|")
+    for mode, group in (("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)):
+        model = quant.quantize_model(dense.model, quant.QuantizationConfig.make(mode, group))
+        llm = Llama(model)
+        quant.use_reference(model)
+        reference_full, reference_steps = llm.logits(tokens), cached_logits(llm, tokens, 32, decode_step)
+        quant.use_reference(model, False)
+        full, steps = llm.logits(tokens), cached_logits(llm, tokens, 32, decode_step)
+        model.use_triton_kernels()
+        compiled_steps = cached_logits(llm, tokens, 32, compiled)
+        name = mode + (f" g{group}" if group else "")
+        for what, error in ((f"{name}, full forward", relative_error(full, reference_full)),
+                            (f"{name}, cached decode (eager)", relative_error(steps, reference_steps)),
+                            (f"{name}, cached decode (compiled)", relative_error(compiled_steps, reference_steps))):
+            print(f"| {what} | {error:.2e} | {error / baseline:.2f} |")
+            ok &= error <= 1.5 * baseline
+        del model, llm
+        torch.cuda.empty_cache()
+    return ok
 
 
 if __name__ == "__main__":
