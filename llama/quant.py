@@ -193,6 +193,8 @@ class Int8Linear(QuantizedLinear):
             from llama.quant_kernels import int8_linear
 
             return int8_linear(x, self.qweight, self.scales)
+        if torch.compiler.is_compiling():  # Inductor's C++ backend fuses this into one loop over the int8 weights
+            return (x[:, None, :] * self.qweight.to(x.dtype)).sum(-1) * self.scales
         return torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
 
 
@@ -224,6 +226,11 @@ class Int4Linear(QuantizedLinear):
             from llama.quant_kernels import int4_linear
 
             return int4_linear(x, self.qweight, self.scales, self.mins, self.group_size)
+        if torch.compiler.is_compiling():
+            G = self.group_size
+            q = unpack_int4(self.qweight).view(self.out_features, -1, G).to(x.dtype)  # [N, Kp/G, G]
+            w = q * self.scales[..., None] + self.mins[..., None]
+            return (x.view(x.shape[0], 1, -1, G) * w).sum((-1, -2))
         self.pack()
         return torch._weight_int4pack_mm_for_cpu(x, self.cpu_qweight, self.group_size, self.cpu_scales_and_zeros)
 

@@ -1,50 +1,55 @@
 """Triton kernels for weight-only quantized linear layers (llama/quant.py), reading its stored layout directly:
 
-int8_linear   y[m, n] = scale[n] * sum_k x[m, k] q[n, k]                  q int8 [N, K], scale [N]
+int8_linear   y[m, n] = scale[n] sum_k x[m, k] q[n, k]                    q int8 [N, K], scale [N]
 int4_linear   y[m, n] = sum_k x[m, k] (q[n, k] s[n, g] + mn[n, g])        g = k // G, q in 0..15 packed two a byte:
               qweight uint8 [N, K/2], q[n, 2j] = qweight[n, j] & 15, q[n, 2j+1] = qweight[n, j] >> 4; s, mn [N, K/G]
 
-x is [M, K] in bf16, fp16 or fp32 (rows contiguous), scales in x's dtype, the output [M, N] in x's dtype; every
-sum is accumulated in float32. Both are custom ops (`llama::int8_linear`, `llama::int4_linear`), so that inside a
-compiled graph Inductor launches the kernels as they are.
+x is [M, K] in bf16, fp16 or fp32, the scales in x's dtype, the output [M, N] in x's dtype; every sum is
+accumulated in float32. Both are custom ops (`llama::int8_linear`, `llama::int4_linear`): inside a compiled graph
+Inductor launches the kernels as they are, with a launch config fixed when the graph is built.
 
-Decoding reads every weight once per step, so these kernels are judged by the bytes of weights they stream per
-second. Two kernels per format:
+A decode step reads every weight once, so these kernels are judged by the weight bytes they stream per second.
+Two kernels per format:
 
-gemv   BLOCK_M = 1 (one row of x per program; the choice at M = 1). Program (n block, row m, K split): BLOCK_N
-       weight rows, walked along K in steps of BLOCK_K features, with float32 partial products kept per element
-       and summed once at the end. No tensor cores: at M = 1 there is nothing to gain from them.
-dot    BLOCK_M >= 16 (M >= 2). Program (n block, m block, K split): each step dequantizes a [BLOCK_N, BLOCK_K]
-       weight tile and multiplies it with tl.dot by the [BLOCK_M, BLOCK_K] tile of x, as y^T = W x^T (the weight
-       tile is the dot's left operand, where Hopper's wgmma takes it from registers), so each weight is read once
-       per BLOCK_M rows of x.
+gemv   BLOCK_M = 1, chosen at M = 1. Program (n block, row m, K split): BLOCK_N weight rows walked along K,
+       BLOCK_K features a step, float32 products kept per element and summed once at the end. No tensor cores.
+dot    BLOCK_M >= 16, chosen at M >= 2. Program (n block, m block, K split): each step dequantizes a [BLOCK_N,
+       BLOCK_K] weight tile and multiplies it by the [BLOCK_M, BLOCK_K] tile of x with tl.dot, as y^T = W x^T
+       (the weight tile is the left operand, which Hopper's wgmma takes from registers). Each weight is read
+       once per BLOCK_M rows of x.
 
-Unpacking. Weights are read as int32 words, 4 int8 or 8 int4 values each (the stored bytes, viewed), and a value
-becomes a float without an int-to-float instruction (I2F, a quarter-rate instruction on an H100; at 3 TB/s an int4
-GEMV needs 6e12 conversions/s, more than I2F's 4e12): it is ORed into the low mantissa bits of the float 2^23,
-whose last place is worth 1, and 2^23 is subtracted (`_field`). In the GEMV the value is not even shifted down
-first: a field at bit 4j comes out as q * 16^j, and x is scaled by 16^-j instead (exact: powers of two). That
-leaves one integer instruction, one add and one fma per int4 weight.
+Unpacking (`_field`). The weights are read as int32 words (the stored bytes viewed), 4 int8 or 8 int4 values
+each, and turned into floats without an int-to-float instruction (Triton casts int8 with I2F.S8, one of the
+conversions the CUDA guide rates at 16 per SM per clock against 128 fmas: 4e12 a second on an H100, where an int4
+GEMV at 3 TB/s needs 6e12): a field is ORed into the low mantissa bits of the float
+2^23, whose last place is worth 1, and one fma removes the 2^23 and the field's bit position. Fields are taken in
+place from the low half of a word and from the word shifted down 16 bits, so an int4 weight costs one LOP3 and
+one fma before its product; int8 bytes get their sign bits flipped first, one XOR per word, to read q + 128.
+16-bit x is loaded as int32 pairs, which the loop pipeline copies ahead with cp.async (2-byte loads it would
+wait for). Compiled for sm_90 (offline, SASS counted), the loops take ~4.5 (int8 gemv), ~4.8 (int4 gemv), ~5.5
+(int8 dot) and ~7.5 (int4 dot) instructions per weight. An H100 issues 33e12 a second (132 SMs x 128 lanes x
+1.98 GHz); int4 weights at 80% of 3.35 TB/s are 5.4e12 a second, which leaves 6.2 instructions each (12.4 for
+int8): the int4 dot kernel, over that, is expected to top out nearer 65%.
 
-int4 groups. In the GEMV the tip sum_k x_k w_k = s_g sum_k x_k q_k + mn_g sum_k x_k applies: each step sums
-x_k q_k over each group of its tile before the scale and minimum are applied ([BLOCK_N, groups] values, not one
-per weight). The dot kernel dequantizes w = q s + mn per weight (in float32, then rounded to x's dtype), which
-lets BLOCK_K be larger than G.
+int4 groups. The gemv uses sum_k x_k w_k = s_g sum_k x_k q_k + mn_g sum_k x_k: a step sums x_k q_k over each
+group in its tile before the scale and minimum are applied ([BLOCK_N, groups] values, not one per weight). The dot
+kernel dequantizes w = q s + mn per weight (float32, then rounded to x's dtype), so BLOCK_K may exceed G.
 
-Split-K. With SPLIT_K > 1 each program covers 1 / SPLIT_K of K and writes float32 partial sums [SPLIT_K, M, N];
-a second small kernel adds them up. It only pays when there are too few n blocks to give every SM a program
-(a small N: tensor-parallel shards, or the dot kernel's 64-row blocks at N = 4096); otherwise it adds a kernel.
+Split-K. With SPLIT_K > 1 each program covers 1 / SPLIT_K of K and writes float32 partial sums [SPLIT_K, M, N]
+that a second small kernel adds up. It pays only when the n blocks alone leave SMs idle: a small N (tensor-
+parallel shards), or the dot kernel's 64-row blocks at N = 4096. Elsewhere it would only add a kernel.
 
-Launch configs (`default_config`, no autotuning: a compiled graph must launch the same kernel every step, chosen
-without timing anything; every knob can be overridden by keyword for a sweep, scripts/quant_kernels_bench.py):
-  M = 1    gemv, BLOCK_K = 512 bytes of each row a step (512 int8 / 1024 int4 features: 32 threads x 16 bytes),
-           BLOCK_N = 16 with 4 warps (4 rows a thread, so each x value loaded serves 4 rows), 3 pipeline stages
-           (a loop without tl.dot is pipelined only when tl.range asks). BLOCK_N = 8 when N / 16 blocks would not
-           fill the SMs.
-  M >= 2   dot, BLOCK_M = 16 / 32 / 64 for M up to 16 / 32 / more, BLOCK_N = 64 (one wgmma tile), BLOCK_K =
-           128 bytes of each row a step (128 int8 / 256 int4 features), 4 warps, 4 stages.
-  both     SPLIT_K = the smallest power of two that gives at least one program per SM, while each split keeps
-           at least 2 steps of BLOCK_K.
+Launch configs (`default_config`; no autotuning, since a compiled graph must launch the same kernel every step,
+chosen without timing anything; each knob is a keyword override, which scripts/quant_kernels_bench.py sweeps):
+  M = 1    gemv: BLOCK_K = 1 KB of each row a step (1024 int8 / 2048 int4 features), BLOCK_N = 16, 4 warps (each
+           thread holds 4 rows, so each x value it loads serves 4 weights), 3 pipeline stages (a loop without
+           tl.dot is pipelined only when tl.range asks). BLOCK_N = 8 when N / 16 blocks would leave SMs idle.
+  M >= 2   dot: BLOCK_M = 16 / 32 / 64 for M up to 16 / 32 / more, BLOCK_N = 64 (one wgmma tile), BLOCK_K = 128
+           features (int8 at BLOCK_M = 16: 256; larger tiles spill registers), and for int4 at most one group, so
+           that a tile takes one scale and minimum per row (per word, a [64, 16] gather of them made group 64
+           2-3x slower than group 128 on an H100), 4 warps, 4 stages.
+  both     SPLIT_K = the smallest power of two that gives every SM a program (the int4 dot kernel: three), as long
+           as each split keeps 2 steps.
 """
 
 from __future__ import annotations
@@ -61,25 +66,50 @@ CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_sta
 
 # ---------------------------------------------------------------------------- unpacking
 @triton.jit
-def _field(words, POS: tl.constexpr, BITS: tl.constexpr):
-    """The BITS-wide field at bit POS of each int32 word, as float32 times 2^POS (POS + BITS <= 16): int8 fields
-    signed (-128..127), int4 fields unsigned (0..15).
+def _field(words, POS: tl.constexpr, BITS: tl.constexpr, magic):
+    """The BITS-wide field at bit POS of each int32 word as a float32 integer (POS + BITS <= 16): for int8 the
+    words come with every byte's sign bit flipped (`_halves`), so that a byte reads q + 128 in 0..255 (two's
+    complement), and q = -128..127 comes out; int4 fields are q = 0..15. magic = 0x4B000000, the bits of 2^23.
 
-    2^23 has a unit in the last place of 1, so the float with bits 0x4B000000 | v is 2^23 + v for v < 2^23. A
-    signed byte b (two's complement) with its sign bit flipped is b + 128 in 0..255, hence the 128 subtracted."""
-    field = words & (((1 << BITS) - 1) << POS)
-    if BITS == 8:
-        return (field ^ (0x4B000000 | (0x80 << POS))).to(tl.float32, bitcast=True) - (8388608.0 + (128 << POS))
-    else:
-        return (field | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    The float with bits magic | v is 2^23 + v (its last mantissa bit is worth 1), so with the field left in place,
+    f = 2^23 + v 2^POS, and v = f 2^-POS - 2^(23 - POS), exact in one fma. magic is a run-time argument, not a
+    constant: ptxas then keeps it in a register instead of re-creating the mask before every LOP3 (which takes
+    one immediate), 0.5 of ~4.5 instructions per weight."""
+    f = ((words & (((1 << BITS) - 1) << POS)) | magic).to(tl.float32, bitcast=True)
+    offset: tl.constexpr = 128.0 if BITS == 8 else 0.0
+    return tl.fma(f, 1.0 / (1 << POS), -(8388608.0 / (1 << POS) + offset))
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr):
-    """int32 words [R, W] -> the 32 / BITS values packed in each, lowest bits first, as float32 [R, W, 32 / BITS]
-    (value t of word i is feature 32 / BITS * i + t)."""
-    shifts = tl.arange(0, 32 // BITS) * BITS
-    return _field(words[:, :, None] >> shifts[None, None, :], 0, BITS)
+def _halves(words, BITS: tl.constexpr):
+    """(low, high): the words ready for `_value`, the high 16 bits moved down in `high`; for int8, every byte's
+    sign bit flipped first (one instruction per 4 weights)."""
+    if BITS == 8:
+        words = words ^ -0x7F7F7F80  # 0x80808080 as an int32
+    return words, words >> 16
+
+
+@triton.jit
+def _value(low, high, t: tl.constexpr, BITS: tl.constexpr, magic):
+    """Value t of the 32 / BITS packed in each int32 word (lowest bits first) as float32, from `_halves`."""
+    LANES: tl.constexpr = 32 // BITS
+    return _field(low if t < LANES // 2 else high, BITS * (t % (LANES // 2)), BITS, magic)
+
+
+@triton.jit
+def _x_value(x_ptr, i, in_k, t: tl.constexpr, LANES: tl.constexpr):
+    """x[LANES * i + t] of one row of x (x_ptr: that row) as float32 [len(i)].
+
+    16-bit x is read as int32 pairs: 4-byte loads, which the loop pipeline copies ahead (cp.async takes 4 bytes
+    or more), where 2-byte loads would be waited for in each step. Values t and t + 1 load the same pair (once)."""
+    if x_ptr.dtype.element_ty == tl.float32:
+        return tl.load(x_ptr + LANES * i + t, mask=in_k, other=0.0)
+    pair = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + LANES // 2 * i + t // 2, mask=in_k, other=0)
+    bits = (pair >> (16 * (t % 2))) & 0xFFFF
+    if x_ptr.dtype.element_ty == tl.bfloat16:  # a bfloat16 is the top half of a float32
+        return (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -94,23 +124,7 @@ def _store(out_ptr, y, m, n, M, N, split):
 
 # ---------------------------------------------------------------------------- int8
 @triton.jit
-def _x_lane(x_ptr, i, in_k, t: tl.constexpr, LANES: tl.constexpr):
-    """x[LANES * i + t] of one row of x (x_ptr: that row) as float32 [len(i)].
-
-    16-bit x is read as int32 pairs: 4-byte loads, which the loop pipeline copies ahead (cp.async takes 4 bytes
-    or more), where 2-byte loads would be waited for in each step. Lanes t and t + 1 load the same pair (once)."""
-    if x_ptr.dtype.element_ty == tl.float32:
-        return tl.load(x_ptr + LANES * i + t, mask=in_k, other=0.0)
-    pair = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + LANES // 2 * i + t // 2, mask=in_k, other=0)
-    bits = (pair >> (16 * (t % 2))) & 0xFFFF
-    if x_ptr.dtype.element_ty == tl.bfloat16:  # a bfloat16 is the top half of a float32
-        return (bits << 16).to(tl.float32, bitcast=True)
-    else:
-        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x,
+def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x, magic,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Program (n block, row m, split): y[m, n] = scale[n] sum_k x[m, k] q[n, k] for BLOCK_N rows n over the split's
     K range. Word i of a row holds q[n, 4i + t] in byte t; acc[n, i] sums x[m, 4i + t] q[n, 4i + t] over t and the
@@ -125,18 +139,15 @@ def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, s
         i = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # [BLOCK_K / 4] word index
         in_k = i < KW
         words = tl.load(w_rows + i[None, :], mask=(n[:, None] < N) & in_k[None, :], other=0)
-        high = words >> 16
-        for t in tl.static_range(4):  # byte t of each word: bytes 0, 1 in place, 2, 3 from the high half
-            pos = 8 * (t % 2)
-            q_t = _field(words if t < 2 else high, pos, 8)  # q * 256^(t % 2)
-            x_t = _x_lane(x_row, i, in_k, t, 4)
-            acc = tl.fma(q_t, (x_t * (1.0 / (1 << pos)))[None, :], acc)
+        low, high = _halves(words, 8)
+        for t in tl.static_range(4):
+            acc = tl.fma(_value(low, high, t, 8, magic), _x_value(x_row, i, in_k, t, 4)[None, :], acc)
     scale = tl.load(scale_ptr + n, mask=n < N, other=0.0).to(tl.float32)
     _store(out_ptr, tl.sum(acc, axis=1) * scale, m, n, M, N, split)
 
 
 @triton.jit
-def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x,
+def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x, magic,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Program (n block, m block, split): acc[n, m] = sum_k q[n, k] x[m, k] with tl.dot on dequantized tiles,
     y[m, n] = scale[n] acc[n, m]."""
@@ -152,7 +163,12 @@ def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, st
         words = tl.load(w_rows + i[None, :], mask=(n[:, None] < N) & (i < KW)[None, :], other=0)
         k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         x = tl.load(x_rows + k[None, :], mask=(m[:, None] < M) & (k < KW * 4)[None, :], other=0.0)
-        w = tl.reshape(_unpack(words, 8), [BLOCK_N, BLOCK_K]).to(x.dtype)  # int8 values are exact in bf16/fp16
+        low, high = _halves(words, 8)
+        q0, q1 = _value(low, high, 0, 8, magic).to(x.dtype), _value(low, high, 1, 8, magic).to(x.dtype)
+        q2, q3 = _value(low, high, 2, 8, magic).to(x.dtype), _value(low, high, 3, 8, magic).to(x.dtype)
+        # tl.join adds a last dim of 2 within each thread: w[n, i, a, c] = value 2a + c of word i, which the
+        # reshape puts at k = 4i + 2a + c. int8 values are exact in bf16 and fp16.
+        w = tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), [BLOCK_N, BLOCK_K])
         acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")  # "ieee": fp32 x without tf32 rounding
     scale = tl.load(scale_ptr + n, mask=n < N, other=0.0).to(tl.float32)
     _store(out_ptr, acc * scale[:, None], m, n, M, N, split)
@@ -160,7 +176,7 @@ def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, st
 
 # ---------------------------------------------------------------------------- int4
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x,
+def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x, magic,
                       G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Program (n block, row m, split): y[m, n] over the split's K range for BLOCK_N rows n. Word i of a row holds
     q[n, 8i + t] in bits 4t..4t+3. A step covers GROUPS whole groups of G / 8 words, or part of one group
@@ -183,14 +199,12 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
         ok = row_ok[:, None] & (g < NG)[None, :]
         s = tl.load(scales_ptr + n[:, None] * NG + g[None, :], mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, GROUPS]
         mn = tl.load(mins_ptr + n[:, None] * NG + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        high = words >> 16
+        low, high = _halves(words, 4)
         dots = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)  # [n, i]: sum_t x[8i + t] q[n, 8i + t]
         x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
-        for t in tl.static_range(8):  # nibble t of each word: 0-3 in place, 4-7 from the high half
-            pos = 4 * (t % 4)
-            q_t = _field(words if t < 4 else high, pos, 4)  # q * 16^(t % 4)
-            x_t = _x_lane(x_row, i, in_k, t, 8)
-            dots = tl.fma(q_t, (x_t * (1.0 / (1 << pos)))[None, :], dots)
+        for t in tl.static_range(8):
+            x_t = _x_value(x_row, i, in_k, t, 8)
+            dots = tl.fma(_value(low, high, t, 4, magic), x_t[None, :], dots)
             x_sum += x_t
         dots = tl.sum(tl.reshape(dots, [BLOCK_N, GROUPS, WORDS]), axis=2)  # [BLOCK_N, GROUPS]
         x_sum = tl.sum(tl.reshape(x_sum, [GROUPS, WORDS]), axis=1)  # [GROUPS]
@@ -199,7 +213,13 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
 
 
 @triton.jit
-def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x,
+def _dequantized(low, high, t: tl.constexpr, s, mn, magic, dtype: tl.constexpr):
+    """w = q s + mn for value t of each word, in dtype."""
+    return tl.fma(_value(low, high, t, 4, magic), s, mn).to(dtype)
+
+
+@triton.jit
+def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x, magic,
                      G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NUM_STAGES: tl.constexpr):
     """Program (n block, m block, split): acc[n, m] = sum_k w[n, k] x[m, k] with tl.dot, w = q s + mn dequantized
@@ -219,15 +239,21 @@ def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_pe
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + k[None, :], mask=(m[:, None] < M) & (k < KW * 8)[None, :], other=0.0)
         if BLOCK_K <= G:  # the tile lies in one group: one scale and minimum per row
-            s = tl.load(scales_ptr + n * NG + k0 // G, mask=row_ok, other=0.0).to(tl.float32)[:, None, None]
-            mn = tl.load(mins_ptr + n * NG + k0 // G, mask=row_ok, other=0.0).to(tl.float32)[:, None, None]
+            s = tl.load(scales_ptr + n * NG + k0 // G, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            mn = tl.load(mins_ptr + n * NG + k0 // G, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         else:  # one per word
             ok = row_ok[:, None] & (i < KW)[None, :]
             g = n[:, None] * NG + (i // (G // 8))[None, :]  # [BLOCK_N, BLOCK_K / 8]
-            s = tl.load(scales_ptr + g, mask=ok, other=0.0).to(tl.float32)[:, :, None]
-            mn = tl.load(mins_ptr + g, mask=ok, other=0.0).to(tl.float32)[:, :, None]
-        w = tl.reshape(tl.fma(_unpack(words, 4), s, mn), [BLOCK_N, BLOCK_K]).to(x.dtype)
-        acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+            s = tl.load(scales_ptr + g, mask=ok, other=0.0).to(tl.float32)
+            mn = tl.load(mins_ptr + g, mask=ok, other=0.0).to(tl.float32)
+        low, high = _halves(words, 4)
+        w0, w1 = _dequantized(low, high, 0, s, mn, magic, x.dtype), _dequantized(low, high, 1, s, mn, magic, x.dtype)
+        w2, w3 = _dequantized(low, high, 2, s, mn, magic, x.dtype), _dequantized(low, high, 3, s, mn, magic, x.dtype)
+        w4, w5 = _dequantized(low, high, 4, s, mn, magic, x.dtype), _dequantized(low, high, 5, s, mn, magic, x.dtype)
+        w6, w7 = _dequantized(low, high, 6, s, mn, magic, x.dtype), _dequantized(low, high, 7, s, mn, magic, x.dtype)
+        # w[n, i, a, b, c] = w of value 4a + 2b + c of word i, which the reshape puts at k = 8i + 4a + 2b + c
+        w = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
+        acc = tl.dot(tl.reshape(w, [BLOCK_N, BLOCK_K]), tl.trans(x), acc, input_precision="ieee")
     _store(out_ptr, acc, m, n, M, N, split)
 
 
@@ -248,41 +274,47 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def default_config(bits: int, M: int, N: int, K: int, sm_count: int) -> dict[str, int]:
-    """The launch config for an [M, K] x [N, K]^T product with `bits`-bit weights (8 or 4); the module docstring
-    says why. Keys: CONFIG_KEYS."""
-    if M == 1:
-        block_m, block_k, num_warps, num_stages = 1, 4096 // bits, 4, 3
-        block_n = 16 if triton.cdiv(N, 16) >= sm_count else 8
+def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size: int = 0,
+                   **overrides: int) -> dict[str, int]:
+    """The launch config (keys CONFIG_KEYS) of an [M, K] x [N, K]^T product with `bits`-bit weights (8 or 4) on a
+    GPU with `sm_count` SMs; the module docstring says why. Nonzero `overrides` replace single choices, and
+    split_k, unless given, follows the tiles chosen."""
+    overrides = {key: value for key, value in overrides.items() if value}
+    assert set(overrides) <= set(CONFIG_KEYS), overrides
+    if overrides.get("block_m", 1 if M == 1 else 16) == 1:
+        config = dict(block_m=1, block_n=16 if triton.cdiv(N, 16) >= sm_count else 8, block_k=8192 // bits,
+                      num_warps=4, num_stages=3)
     else:
         block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-        block_n, block_k, num_warps, num_stages = 64, 1024 // bits, 4, 4
-    programs = triton.cdiv(N, block_n) * (M if block_m == 1 else triton.cdiv(M, block_m))
-    split_k = 1
-    while programs * split_k < sm_count and K >= 4 * split_k * block_k:
-        split_k *= 2
-    return dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                num_stages=num_stages)
-
-
-def _config(bits: int, M: int, N: int, K: int, device: torch.device, overrides: dict[str, int]) -> dict[str, int]:
-    """default_config with the nonzero overrides in place, checked."""
-    config = default_config(bits, M, N, K, _sm_count(device)) | {k: v for k, v in overrides.items() if v}
-    bm, bk = config["block_m"], config["block_k"]
+        config = dict(block_m=block_m, block_n=64, block_k=256 if block_m == 16 and bits == 8 else 128,
+                      num_warps=4, num_stages=4)
+        if bits == 4 and group_size:  # a tile within one group: one scale and minimum per row, not per word
+            config["block_k"] = min(config["block_k"], group_size)
+    config |= overrides
+    bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
     assert bm == 1 or bm >= 16, f"block_m={bm}: 1 (gemv) or at least 16 (tl.dot)"
     assert bk & (bk - 1) == 0 and bk >= (16 if bm > 1 else 32 // bits), f"block_k={bk}: a power of two, >= 16"
-    return config
+    if "split_k" not in config:
+        programs, split_k = triton.cdiv(N, bn) * (M if bm == 1 else triton.cdiv(M, bm)), 1
+        # (the int4 dot kernel wants ~3 programs per SM: 2-3x faster at 16 rows on an H100, docs/benchmarks.md)
+        wanted = 3 * sm_count if bits == 4 and bm > 1 else sm_count
+        while programs * split_k < wanted and K >= 4 * split_k * bk:
+            split_k *= 2
+        config["split_k"] = split_k
+    return {key: config[key] for key in CONFIG_KEYS}
 
 
 def _launch(gemv, dot, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, config: dict[str, int],
             **constexprs) -> Tensor:
     """Run the gemv or dot kernel on x [M, K] and words [N, KW], then add up the splits; -> y [M, N]."""
     M, K = x.shape
+    if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:  # the gemv reads 16-bit x as int32 pairs
+        x = x.clone(memory_format=torch.contiguous_format)
     bm, bn, bk, split_k = config["block_m"], config["block_n"], config["block_k"], config["split_k"]
     k_per_split = bk * triton.cdiv(triton.cdiv(K, bk), split_k)  # a multiple of BLOCK_K
     out = x.new_empty(M, N)
     target = out if split_k == 1 else x.new_empty(split_k, M, N, dtype=torch.float32)
-    args = (x, words, *meta, target, M, N, words.shape[1], k_per_split, x.stride(0))
+    args = (x, words, *meta, target, M, N, words.shape[1], k_per_split, x.stride(0), 0x4B000000)
     options = dict(BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=config["num_stages"], num_warps=config["num_warps"],
                    num_stages=config["num_stages"], **constexprs)
     if bm == 1:
@@ -303,8 +335,8 @@ def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, block_m: int = 0, blo
                  split_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
     M, K = x.shape
     N = weight.shape[0]
-    config = _config(8, M, N, K, x.device, dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
-                                                num_warps=num_warps, num_stages=num_stages))
+    config = default_config(8, M, N, K, _sm_count(x.device), block_m=block_m, block_n=block_n, block_k=block_k,
+                            split_k=split_k, num_warps=num_warps, num_stages=num_stages)
     return _launch(_int8_gemv_kernel, _int8_dot_kernel, x, weight.view(torch.int32), (scale,), N, config)
 
 
@@ -314,8 +346,8 @@ def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group
                  num_stages: int = 0) -> Tensor:
     M, K = x.shape
     N = qweight.shape[0]
-    config = _config(4, M, N, K, x.device, dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
-                                                num_warps=num_warps, num_stages=num_stages))
+    config = default_config(4, M, N, K, _sm_count(x.device), group_size, block_m=block_m, block_n=block_n,
+                            block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
     return _launch(_int4_gemv_kernel, _int4_dot_kernel, x, qweight.view(torch.int32), (scales, mins), N, config,
                    G=group_size)
 
@@ -331,7 +363,6 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, block_m: int = 0, b
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1], (x.shape, weight.shape)
     assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] % 4 == 0, "int8 [N, K], K % 4 = 0"
     assert scale.shape == (weight.shape[0],) and scale.is_contiguous(), scale.shape
-    x = x if x.stride(1) == 1 else x.contiguous()
     return _int8_linear(x, weight, scale, block_m, block_n, block_k, split_k, num_warps, num_stages)
 
 
@@ -351,6 +382,5 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_
     assert x.dim() == 2 and group_size in (32, 64, 128, 256) and K % group_size == 0, (x.shape, group_size)
     assert qweight.dtype == torch.uint8 and qweight.shape == (N, K // 2) and qweight.is_contiguous(), qweight.shape
     assert scales.shape == mins.shape == (N, K // group_size) and scales.is_contiguous() and mins.is_contiguous()
-    x = x if x.stride(1) == 1 else x.contiguous()
     return _int4_linear(x, qweight, scales, mins, group_size, block_m, block_n, block_k, split_k, num_warps,
                         num_stages)

@@ -158,6 +158,15 @@ def time_hf(hf, prompts: list[list[int]], new_tokens: int, sampling: dict, stati
     return len(prompts) * new_tokens / (time.perf_counter() - start)
 
 
+def quantization_of(system: str, group_size: int) -> tuple:
+    """"ours-compiled" -> (), "ours-int8" -> ("int8", None), "ours-compiled-int4" -> ("int4", group_size),
+    "ours-compiled-int4-g128" -> ("int4", 128)."""
+    parts = system.split("-")
+    if parts[-1].startswith("g") and parts[-2] == "int4":
+        return "int4", int(parts[-1][1:])
+    return {"int8": ("int8", None), "int4": ("int4", group_size)}.get(parts[-1], ())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(CONFIGS / "llama-3.1-8b.json"))
@@ -167,7 +176,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--systems", default="hf,hf-static,ours,ours-compiled",
-                        help="hf, hf-static, ours, ours-compiled; ours* may end in -int8 or -int4 (quantized)")
+                        help="hf, hf-static, ours, ours-compiled; ours* may end in -int8, -int4, -int4-g128")
     parser.add_argument("--group-size", type=int, default=64, help="int4 systems' group size")
     parser.add_argument("--modes", default="greedy,sample", help="greedy, and/or sample (T=0.8, top-k 200)")
     parser.add_argument("--varied", action="store_true", help="also batch 64 with prompt lengths 64..512")
@@ -219,10 +228,9 @@ def main() -> None:
                           [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]))
     llms, models = {}, {"": model}
     for system in (s for s in systems if s.startswith("ours")):
-        mode = system.rpartition("-")[2] if system.endswith(quant.MODES) else ""
+        mode = quantization_of(system, args.group_size)
         if mode not in models:
-            models[mode] = quant.quantize_model(model, quant.QuantizationConfig.make(
-                mode, args.group_size if mode == "int4" else None))
+            models[mode] = quant.quantize_model(model, quant.QuantizationConfig.make(*mode))
         llms[system] = Llama(models[mode], max_seq_len=1024, compile="compiled" in system)
     for llm in llms.values():
         llm.eos_token_ids = []  # random weights: run every row the full length
@@ -261,8 +269,7 @@ def main() -> None:
         print("|---|---|---|---|---|")
         greedy = next((row for row in rows if row["workload"] == "batch 1" and row["mode"] == "greedy"), {})
         for system in (s for s in systems if s.startswith("ours")):
-            mode = system.rpartition("-")[2] if system.endswith(quant.MODES) else ""
-            nbytes = weight_bytes(models[mode])
+            nbytes = weight_bytes(models[quantization_of(system, args.group_size)])
             speed = greedy.get(system, float("nan"))
             print(f"| {system} | {nbytes / 1e9:.2f} | {bandwidth / nbytes:.1f} | {speed:.1f} | "
                   f"{speed * nbytes / bandwidth:.0%} |")

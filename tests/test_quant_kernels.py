@@ -1,0 +1,161 @@
+"""The weight-only quantized kernels (llama/quant_kernels.py) against the plain formula: the weight dequantized in
+float64, then a float64 matmul. Run by Triton's interpreter on the CPU, in float32, bfloat16 and float16, through
+every kernel path: the GEMV (block_m = 1), the tl.dot kernel (block_m >= 16), each with and without split-K, with
+tiles that overhang K and N. Skipped where Triton is not installed (the CPU-only CI); on a GPU,
+scripts/quant_kernels_bench.py checks them in bf16 at the Llama shapes.
+
+Tolerance, per output: |y - ref| <= u |ref| + 1e-5 sum_k |x_k w_k|, where u is the unit roundoff of the output
+dtype (2^-8 bfloat16, 2^-11 float16, 0 float32): one rounding of the result to x's dtype, plus float32 sums of
+up to 520 terms (their error is ~sqrt(K) 2^-24 of the sum of magnitudes; a wrong weight or a lost group moves an
+output by ~1e-2 of it). The dot kernels round each dequantized weight to x's dtype before tl.dot, as F.linear on
+the dequantized weight would; for them the reference weight is rounded the same way (int8 values are exact)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Two bfloat16 faults of Triton 3.x's interpreter, mended to do what the GPU does: tl.dot multiplies bfloat16
+# operands as their raw 16-bit patterns (create_dot hands numpy the uint16 storage; widened to float32 first here),
+# and float32 -> bfloat16 truncates (rounded to nearest even here, as the GPU's cvt.rn does).
+PRELUDE = """
+import torch
+import triton.language as tl
+from triton.runtime import interpreter
+
+Builder = interpreter.InterpreterBuilder
+_create_dot, _cast_impl = Builder.create_dot, Builder.cast_impl
+def _widened(builder, h):
+    return _cast_impl(builder, h, tl.float32) if h.dtype.scalar == tl.bfloat16 else h
+def _cast_rounding_to_nearest(builder, src, dst_type):
+    if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+        rounded = torch.from_numpy(src.data.reshape(-1)).to(torch.bfloat16).view(torch.uint16).numpy()
+        return interpreter.TensorHandle(rounded.reshape(src.data.shape), tl.bfloat16)
+    return _cast_impl(builder, src, dst_type)
+Builder.create_dot = lambda self, a, b, d, *rest: _create_dot(self, _widened(self, a), _widened(self, b), d, *rest)
+Builder.cast_impl = _cast_rounding_to_nearest
+
+UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+def check(y, x, w, dtype, case):
+    \"\"\"y [M, N] against x [M, K] @ w [N, K]^T in float64, within the module docstring's tolerance.\"\"\"
+    assert y.dtype == dtype and y.shape == (x.shape[0], w.shape[0]), (case, y.dtype, y.shape)
+    ref = x.double() @ w.T
+    slack = x.double().abs() @ w.abs().T
+    excess = ((y.double() - ref).abs() - UNIT_ROUNDOFF[dtype] * ref.abs() - 1e-5 * slack).max().item()
+    assert excess <= 0, (case, excess)
+
+torch.manual_seed(0)
+"""
+
+INT8 = PRELUDE + """
+from llama.quant_kernels import int8_linear
+cases = [  # (M, N, K, config): the path each exercises
+    (1, 72, 96, {}),                                  # gemv, one step much wider than K
+    (1, 200, 520, dict(block_k=128, split_k=3)),      # gemv, split-K, the last split short
+    (3, 72, 200, dict(block_m=1)),                    # gemv over 3 rows
+    (3, 72, 200, {}),                                 # dot (the default at M > 1), one 16-row block
+    (16, 200, 256, dict(block_k=64, split_k=2)),      # dot, split-K
+    (33, 72, 96, dict(block_m=32, block_k=32)),       # dot, two row blocks, the second one row
+]
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for M, N, K, config in cases:
+        x = torch.randn(M, K).to(dtype)
+        q = torch.randint(-128, 128, (N, K), dtype=torch.int8)  # -128 too: the sign-bit flip must undo it
+        scale = (torch.rand(N) * 0.02 + 0.001).to(dtype)
+        y = int8_linear(x, q, scale, **config)
+        check(y, x, q.double() * scale.double()[:, None], dtype, (dtype, M, N, K, config))
+print("ok")
+"""
+
+INT4 = PRELUDE + """
+from llama.quant_kernels import int4_linear
+cases = [  # (M, N, K, G, config): the path each exercises
+    (1, 72, 128, 32, {}),                                  # gemv, one step wider than K (groups past K masked)
+    (1, 72, 256, 64, dict(block_k=64)),                    # gemv, one whole group a step
+    (1, 200, 512, 128, dict(block_k=64, split_k=3)),       # gemv, half a group a step, split-K, last split short
+    (3, 72, 512, 256, dict(block_m=1, block_k=512)),       # gemv over 3 rows, two groups a step
+    (3, 72, 256, 32, {}),                                  # dot (the default at M > 1), 8 groups a step
+    (16, 200, 512, 128, dict(block_k=64, split_k=2)),      # dot, half a group a step, split-K
+    (33, 72, 256, 64, dict(block_m=32, block_k=64)),       # dot, two row blocks, one group a step
+]
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for M, N, K, G, config in cases:
+        x = torch.randn(M, K).to(dtype)
+        qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+        scales = (torch.rand(N, K // G) * 0.02 + 0.001).to(dtype)
+        mins = (-torch.rand(N, K // G) * 0.15).to(dtype)
+        y = int4_linear(x, qweight, scales, mins, G, **config)
+        q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(N, K).double()  # low nibble first
+        w = q * scales.double().repeat_interleave(G, 1) + mins.double().repeat_interleave(G, 1)
+        dot_kernel = M > 1 and config.get("block_m") != 1
+        check(y, x, w.float().to(dtype).double() if dot_kernel else w, dtype, (dtype, M, N, K, G, config))
+print("ok")
+"""
+
+# torch.export(strict=True) traces with Dynamo, as torch.compile(fullgraph=True) does, and runs each op's body on
+# fake tensors (picking its config, allocating its outputs, recording its kernels) without launching anything,
+# so it needs neither a GPU nor the interpreter (whose kernels tracing cannot record).
+TRACED = """
+import torch
+from llama.quant_kernels import int4_linear, int8_linear
+
+class Layer(torch.nn.Module):
+    def forward(self, x, q8, scale, q4, scales, mins):
+        return int8_linear(x[:1], q8, scale) + int4_linear(x, q4, scales, mins, 64, split_k=2)[1:]
+
+bf16 = torch.bfloat16
+args = (torch.randn(2, 128, dtype=bf16), torch.zeros(40, 128, dtype=torch.int8), torch.rand(40, dtype=bf16),
+        torch.zeros(40, 64, dtype=torch.uint8), torch.rand(40, 2, dtype=bf16), torch.rand(40, 2, dtype=bf16))
+ops = [str(node.target) for node in torch.export.export(Layer(), args, strict=True).graph.nodes]
+assert ops.count("llama.int8_linear.default") == ops.count("llama.int4_linear.default") == 1, ops
+print("ok")
+"""
+
+
+def run(script: str, interpreter: bool = True) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if interpreter:
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+@needs_triton
+def test_int8_linear_matches_the_formula_on_every_path():
+    run(INT8)
+
+
+@needs_triton
+def test_int4_linear_matches_the_formula_on_every_path():
+    run(INT4)
+
+
+@needs_triton
+def test_both_ops_trace_whole_into_one_graph():
+    """No graph break and no host sync in either op; each is one node of the graph (an opaque kernel launch)."""
+    run(TRACED, interpreter=False)
+
+
+@needs_triton
+def test_default_config_takes_the_gemv_at_one_row_and_splits_k_only_for_idle_sms():
+    from llama.quant_kernels import default_config
+
+    H100 = 132  # SMs
+    assert default_config(8, 1, 28672, 4096, H100) == dict(block_m=1, block_n=16, block_k=1024, split_k=1,
+                                                           num_warps=4, num_stages=3)
+    assert default_config(4, 1, 4096, 14336, H100)["block_k"] == 2048  # 1 KB of each row a step in both formats
+    assert default_config(4, 1, 1024, 8192, H100)["block_n"] == 8  # 64 blocks of 16 rows would idle half the SMs
+    assert default_config(4, 16, 4096, 4096, H100)["split_k"] == 8  # 64 dot programs -> 512, ~3 per SM
+    assert default_config(4, 16, 4096, 4096, H100, group_size=64)["block_k"] == 64  # one group per tile
+    assert default_config(8, 16, 28672, 4096, H100)["split_k"] == 1  # 448 already
+    assert [default_config(8, M, 4096, 4096, H100)["block_m"] for M in (2, 16, 17, 33, 200)] == [16, 16, 32, 64, 64]
+    assert default_config(8, 1, 64, 256, H100)["split_k"] == 1  # too short a K to split
