@@ -226,7 +226,7 @@ def main() -> None:
         lengths = torch.linspace(64, 512, 64).long().tolist()
         workloads.append(("batch 64, lengths 64..512",
                           [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]))
-    llms, models = {}, {"": model}
+    llms, models = {}, {(): model}
     for system in (s for s in systems if s.startswith("ours")):
         mode = quantization_of(system, args.group_size)
         if mode not in models:

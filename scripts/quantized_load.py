@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import copy_bandwidth, weight_bytes  # noqa: E402
+from bench import copy_bandwidth, sync, weight_bytes  # noqa: E402
 
 from llama import quant  # noqa: E402
 from llama.api import Llama  # noqa: E402
@@ -33,9 +33,9 @@ from llama.weights import save_quantized  # noqa: E402
 
 
 @torch.no_grad()
-def write_random_checkpoint(config_json: dict, folder: Path, quantization: quant.QuantizationConfig | None) -> None:
+def write_random_checkpoint(config_json: dict, folder: Path, quantization: quant.QuantizationConfig | None,
+                            device: torch.device) -> None:
     """Norms 1, everything else normal(0, 0.02), drawn on the GPU one tensor at a time."""
-    device = torch.device("cuda")
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_hf_config(config_json)).to(torch.bfloat16)
         if quantization:
@@ -62,42 +62,45 @@ def main() -> None:
     parser.add_argument("--dir", help="where to write the checkpoint (default: a temporary folder, removed)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with a tiny --config")
     args = parser.parse_args()
 
     quantization = quant.QuantizationConfig.make(args.quantize, args.group_size)
     config_json = json.loads(Path(args.config).read_text())
     folder = Path(args.dir or tempfile.mkdtemp(prefix="quantized_load_"))
     start = time.perf_counter()
-    write_random_checkpoint(config_json, folder, quantization if args.prequantized else None)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    write_random_checkpoint(config_json, folder, quantization if args.prequantized else None, device)
     print(f"writing took {time.perf_counter() - start:.0f} s", flush=True)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
     start = time.perf_counter()
-    llm = Llama.from_pretrained(folder, progress=False, max_seq_len=1024, compile=not args.no_compile,
+    llm = Llama.from_pretrained(folder, device=device, progress=False, max_seq_len=1024, compile=not args.no_compile,
                                 quantize=None if args.prequantized else args.quantize,
                                 group_size=None if args.prequantized else args.group_size)
     loaded = time.perf_counter() - start
-    peak_load = torch.cuda.max_memory_allocated()
+    peak = (lambda: torch.cuda.max_memory_allocated() / 2**30) if cuda else (lambda: float("nan"))
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else float("nan")
     print(f"loaded in {loaded:.0f} s ({'prequantized' if args.prequantized else 'quantized while read'}); "
-          f"model {quant.quantized_bytes(llm.model) / 2**30:.1f} GiB on the GPU, peak while loading "
-          f"{peak_load / 2**30:.1f} GiB of {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB",
-          flush=True)
+          f"model {quant.quantized_bytes(llm.model) / 2**30:.1f} GiB on the device, peak while loading "
+          f"{peak():.1f} GiB of {total:.0f} GiB", flush=True)
     llm.eos_token_ids = []
     prompt = torch.randint(0, config_json["vocab_size"], (128,), generator=torch.Generator().manual_seed(0)).tolist()
     start = time.perf_counter()
     llm.generate([prompt], max_new_tokens=args.new_tokens)  # warm-up (and compilation)
     print(f"first generate (compiles) {time.perf_counter() - start:.0f} s", flush=True)
-    torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     llm.generate([prompt], max_new_tokens=args.new_tokens)
-    torch.cuda.synchronize()
+    sync(device)
     speed = args.new_tokens / (time.perf_counter() - start)
-    nbytes, bandwidth = weight_bytes(llm.model), copy_bandwidth(torch.device("cuda"))
+    nbytes, bandwidth = weight_bytes(llm.model), copy_bandwidth(device)
     print(f"batch 1, prompt 128 + {args.new_tokens} new tokens: {speed:.1f} tok/s; weights read per step "
           f"{nbytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e9:.0f} GB/s -> limit {bandwidth / nbytes:.1f} tok/s, "
-          f"{speed * nbytes / bandwidth:.0%} of it; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} "
-          f"GiB")
+          f"{speed * nbytes / bandwidth:.0%} of it; peak GPU memory {peak():.1f} GiB")
     if not args.dir:
         shutil.rmtree(folder)
 

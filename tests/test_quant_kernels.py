@@ -152,7 +152,7 @@ def test_default_config_takes_the_gemv_at_one_row_and_splits_k_only_for_idle_sms
     H100 = 132  # SMs
     assert default_config(8, 1, 28672, 4096, H100) == dict(block_m=1, block_n=16, block_k=1024, split_k=1,
                                                            num_warps=4, num_stages=3)
-    assert default_config(4, 1, 4096, 14336, H100)["block_k"] == 2048  # 1 KB of each row a step in both formats
+    assert default_config(4, 1, 4096, 14336, H100)["block_k"] == 1024  # int4: half a KB of each row a step
     assert default_config(4, 1, 1024, 8192, H100)["block_n"] == 8  # 64 blocks of 16 rows would idle half the SMs
     assert default_config(4, 16, 4096, 4096, H100)["split_k"] == 8  # 64 dot programs -> 512, ~3 per SM
     assert default_config(4, 16, 4096, 4096, H100, group_size=64)["block_k"] == 64  # one group per tile
