@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from conftest import official_config, reference_logits, relative_error, shrink, write_hf_checkpoint
 
 import llama
+from llama.cli import main
 from llama.config import ConfigError, ModelConfig
 from llama.tp import TensorParallel, shutdown
 
@@ -33,11 +34,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, folder: str, out: str, quantize: str | None = None,
+            group_size: int | None = None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.manual_seed(1000 + rank)  # the ranks' own random streams differ: the engine must share one
-    llm = llama.Llama.from_pretrained(folder, device="cpu", progress=False)
+    llm = llama.Llama.from_pretrained(folder, device="cpu", progress=False, quantize=quantize,
+                                      group_size=group_size)
     result = {
         "logits": llm.logits(torch.tensor(TOKENS)),
         "greedy": [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=10)],
@@ -49,8 +52,8 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 
-def run_two_ranks(folder, tmp_path):
-    mp.spawn(_worker, args=(2, free_port(), str(folder), str(tmp_path)), nprocs=2, join=True)
+def run_two_ranks(folder, tmp_path, quantize=None, group_size=None):
+    mp.spawn(_worker, args=(2, free_port(), str(folder), str(tmp_path), quantize, group_size), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
@@ -98,6 +101,31 @@ def test_meta_checkpoint_splits_too(tmp_path):
     ranks = run_two_ranks(tmp_path / "meta", tmp_path / "out")
     for result in ranks:
         assert relative_error(result["logits"], reference_logits(model, torch.tensor(TOKENS))) < 1e-4
+
+
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32)])
+def test_a_quantized_model_splits_over_two_ranks_like_a_dense_one(tmp_path, mode, group):
+    # Widths of which each rank holds whole groups (o_proj 64 and down_proj 128 input features per rank), so each
+    # rank quantizes the rows and groups one process would; quantized on load, and from a saved checkpoint.
+    write_hf_checkpoint(tmp_path / "dense", shrink(official_config("llama-3.1-8b"), intermediate_size=256))
+    single = llama.Llama.from_pretrained(tmp_path / "dense", device="cpu", progress=False, quantize=mode,
+                                         group_size=group)
+    assert main(["quantize", "--model", str(tmp_path / "dense"), "--quantize", mode, "--out",
+                 str(tmp_path / "saved"), "--device", "cpu"] + (["--group-size", str(group)] if group else [])) == 0
+    dense = llama.Llama.from_pretrained(tmp_path / "dense", device="cpu", progress=False).logits(TOKENS)
+    for folder, arguments in ((tmp_path / "dense", (mode, group)), (tmp_path / "saved", (None, None))):
+        out = tmp_path / f"out-{folder.name}"
+        out.mkdir()
+        ranks = run_two_ranks(folder, out, *arguments)
+        assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
+        if mode == "int8" and folder.name == "dense":
+            # int8 quantized on load: each rank scales its half of an o/down row by that half's own maximum, a
+            # (slightly finer) quantization of its own; it must be as close to the dense model as one process's
+            error = relative_error(single.logits(TOKENS), dense)
+            assert relative_error(ranks[0]["logits"], dense) < 1.5 * error
+            continue
+        assert relative_error(ranks[0]["logits"], single.logits(TOKENS)) < 1e-5
+        assert ranks[0]["greedy"] == [r.token_ids for r in single.generate(PROMPTS, max_new_tokens=10)]
 
 
 def test_kv_heads_not_divisible_by_the_ranks_is_a_clear_error():
