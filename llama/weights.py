@@ -203,15 +203,24 @@ def _copy_into(model: Transformer, tensors: Iterator[tuple[str, str, Any]], prog
 
 
 # ---------------------------------------------------------------------------- Hugging Face safetensors
-_HF_RENAMES = [
-    (r"^model\.embed_tokens\.", "embed_tokens."),
-    (r"^model\.norm\.", "norm."),
-    (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.attention."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attention_norm."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.mlp_norm."),
-    (r"^model\.layers\.(\d+)\.mlp\.", r"layers.\1.mlp."),
-    (r"^lm_head\.", "lm_head."),
+# Hugging Face name prefix <-> this engine's ({} stands for the layer index); the regexes go both ways
+_PREFIXES = [
+    ("model.embed_tokens.", "embed_tokens."),
+    ("model.norm.", "norm."),
+    ("model.layers.{}.self_attn.", "layers.{}.attention."),
+    ("model.layers.{}.input_layernorm.", "layers.{}.attention_norm."),
+    ("model.layers.{}.post_attention_layernorm.", "layers.{}.mlp_norm."),
+    ("model.layers.{}.mlp.", "layers.{}.mlp."),
+    ("lm_head.", "lm_head."),
 ]
+
+
+def _renames(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [("^" + re.escape(old).replace(r"\{\}", r"(\d+)"), new.replace("{}", r"\1")) for old, new in pairs]
+
+
+_HF_RENAMES = _renames(_PREFIXES)
+_ENGINE_RENAMES = _renames([(engine, hf) for hf, engine in _PREFIXES])
 
 
 def hf_to_engine_name(name: str) -> str | None:
@@ -369,16 +378,6 @@ def engine_to_hf_name(name: str) -> str:
         if n:
             return renamed
     return name
-
-
-_ENGINE_RENAMES = [
-    (r"^embed_tokens\.", "model.embed_tokens."),
-    (r"^norm\.", "model.norm."),
-    (r"^layers\.(\d+)\.attention\.", r"model.layers.\1.self_attn."),
-    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
-]
 
 
 def save_quantized(model: Transformer, quantization: QuantizationConfig | None, source: Path | dict, out: Path,
