@@ -201,6 +201,8 @@ def _quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"{folder}: llama quantize reads Hugging Face checkpoints (config.json + safetensors)")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out}: exists and is not a folder")
+    if args.out.resolve() == folder.resolve():
+        raise ValueError(f"--out {args.out}: is the source checkpoint's folder; write the quantized copy elsewhere")
     device, dtype = default_device_and_dtype(args.device, args.dtype)
     start = time.perf_counter()
     print(f"quantizing {folder} to {args.quantize} on {device}", file=sys.stderr)

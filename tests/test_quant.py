@@ -162,6 +162,13 @@ def test_bad_quantize_arguments_are_value_errors_naming_them(tiny, kwargs, messa
         llama.Llama.from_pretrained(tiny, device="cpu", progress=False, **kwargs)
 
 
+def test_quantize_refuses_to_write_over_its_source(tiny, capsys):
+    before = sorted(p.name for p in tiny.iterdir())
+    assert main(["quantize", "--model", str(tiny), "--quantize", "int8", "--out", str(tiny)]) == 2
+    assert "is the source checkpoint's folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny.iterdir()) == before
+
+
 def test_cli_rejects_group_size_without_int4(tiny, capsys):
     assert main(["generate", "--model", str(tiny), "--prompt", "1", "--group-size", "64"]) == 2
     assert capsys.readouterr().err.strip() == "llama: error: --group-size needs --quantize int4"
