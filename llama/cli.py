@@ -189,7 +189,7 @@ def _quantize(args: argparse.Namespace) -> int:
     import time
 
     from llama.api import default_device_and_dtype
-    from llama.quant import QuantizationConfig, quantized_bytes
+    from llama.quant import QuantizationConfig, held_bytes
     from llama.weights import find_checkpoint, load_model, save_quantized
 
     if args.quantize is None:
@@ -211,7 +211,7 @@ def _quantize(args: argparse.Namespace) -> int:
     written = sum(f.stat().st_size for f in files)
     source = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     print(f"wrote {args.out}: {written / 1e6:.1f} MB in {len(files)} file(s), {written / source:.1%} of the "
-          f"source's {source / 1e6:.1f} MB ({quantized_bytes(model) / 1e6:.1f} MB on the device); "
+          f"source's {source / 1e6:.1f} MB ({held_bytes(model) / 1e6:.1f} MB on the device); "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     print(args.out)
     return 0

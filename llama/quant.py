@@ -20,9 +20,11 @@ Stored layout (the layers' buffers, and the tensors of a saved checkpoint, suffi
     int8   qweight int8 [N, K], scales [N]
     int4   qweight uint8 [N, Kp / 2] (q[n, 2j] in the low nibble of byte j, q[n, 2j+1] in the high one),
            scales and mins [N, Kp / G]; Kp = K rounded up to a multiple of G (the padding's inputs are zero)
-How a layer multiplies (`kernel`): on a GPU, the Triton kernels of quant_kernels.py read this layout directly;
-on a CPU, torch's own weight-only kernels, after `pack` has turned it into theirs; `reference` (the plain
-formula: dequantize, then `F.linear`) is the path every kernel is tested against.
+How a layer multiplies: on a GPU, the Triton kernels of quant_kernels.py read this layout directly; on a CPU, one
+row goes through torch's own weight-only ops (int4 from a copy in their layout that `pack` makes), a prefill is
+dequantized and multiplied by one dense matmul, and under torch.compile the one-row product is written as a plain
+reduction for Inductor's C++ backend. `use_reference` switches every layer to the plain formula (dequantize, then
+`F.linear`), the path the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -279,10 +281,9 @@ def pack(model: nn.Module) -> None:
         layer.pack()
 
 
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer of the model (what it holds on its device)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of the model: what it holds on its device."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 @torch.no_grad()

@@ -124,21 +124,30 @@ def load_targets(model: Transformer, prequantized: bool = False) -> dict[str, Te
 
     A quantized layer (quant.py) takes `.weight` as rows it quantizes as they are copied in, or, from a
     checkpoint that is already quantized (`prequantized`), its stored tensors (`.qweight`, `.scales`, ...)."""
-    targets: dict[str, Tensor | QuantizedRows] = {}
+    if prequantized:
+        return dict(_checkpoint_tensors(model))
+    targets: dict[str, Tensor | QuantizedRows] = dict(_checkpoint_tensors(model, with_quantized=False))
     tied_copy = model.config.tie_word_embeddings and isinstance(model.lm_head, QuantizedLinear)
+    for module_name, layer in quant.quantized_layers(model).items():
+        if module_name == "lm_head" and tied_copy:
+            continue  # filled from the embedding table after loading
+        for part, rows in _row_blocks(model, module_name):
+            targets[f"{part}.weight"] = QuantizedRows(layer, rows)
+    return targets
+
+
+def _checkpoint_tensors(model: Transformer, with_quantized: bool = True) -> Iterator[tuple[str, Tensor]]:
+    """Each tensor a checkpoint of the model holds, under its name in the engine's vocabulary, as a view of the
+    model's own storage (copying into it fills the model): the parameters, stacked ones cut into their row blocks,
+    then the quantized layers' stored buffers, cut the same way."""
     for name, param in model.named_parameters():  # tied weights appear once, under their first name
         module_name, _, kind = name.rpartition(".")  # kind: "weight" or "bias"
         for part, rows in _row_blocks(model, module_name):
-            targets[f"{part}.{kind}"] = param[rows]  # a view: copying into it fills the stacked parameter
-    for module_name, layer in quant.quantized_layers(model).items():
-        if module_name == "lm_head" and tied_copy and not prequantized:
-            continue  # filled from the embedding table after loading
+            yield f"{part}.{kind}", param[rows]
+    for module_name, layer in quant.quantized_layers(model).items() if with_quantized else ():
         for part, rows in _row_blocks(model, module_name):
-            if prequantized:
-                targets |= {f"{part}.{stored}": getattr(layer, stored)[rows] for stored in layer.stored}
-            else:
-                targets[f"{part}.weight"] = QuantizedRows(layer, rows)
-    return targets
+            for stored in layer.stored:
+                yield f"{part}.{stored}", getattr(layer, stored)[rows]
 
 
 def _row_blocks(model: Transformer, module_name: str) -> list[tuple[str, slice]]:
@@ -394,15 +403,7 @@ def save_quantized(model: Transformer, quantization: QuantizationConfig | None, 
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("*.safetensors"), out / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)  # a stale shard would be read as part of the new checkpoint
-    tensors: dict[str, Tensor] = {}
-    for name, param in model.named_parameters():
-        module_name, _, kind = name.rpartition(".")
-        for part, rows in _row_blocks(model, module_name):
-            tensors[engine_to_hf_name(f"{part}.{kind}")] = param[rows]
-    for module_name, layer in quant.quantized_layers(model).items():
-        for part, rows in _row_blocks(model, module_name):
-            for stored in layer.stored:
-                tensors[engine_to_hf_name(f"{part}.{stored}")] = getattr(layer, stored)[rows]
+    tensors = {engine_to_hf_name(name): tensor for name, tensor in _checkpoint_tensors(model)}
 
     shards: list[dict[str, Tensor]] = [{}]
     size = 0

@@ -7,7 +7,8 @@
     python scripts/quantized_load.py --config configs/llama-3.1-8b.json --quantize int4
         random weights written as a bf16 checkpoint (sharded), loaded with `quantize=`: quantized as it is read
 
-Random weights are drawn on the GPU one layer at a time, so writing never holds the whole dense model either.
+The random weights are drawn on the GPU; a quantized layer's are drawn and quantized 8192 rows at a time, so
+writing the int4 70B checkpoint never holds its dense weights.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import copy_bandwidth, sync, weight_bytes  # noqa: E402
+from bench import copy_bandwidth, randomize_, sync, weight_bytes  # noqa: E402
 
 from llama import quant  # noqa: E402
 from llama.api import Llama  # noqa: E402
@@ -35,15 +36,14 @@ from llama.weights import save_quantized  # noqa: E402
 @torch.no_grad()
 def write_random_checkpoint(config_json: dict, folder: Path, quantization: quant.QuantizationConfig | None,
                             device: torch.device) -> None:
-    """Norms 1, everything else normal(0, 0.02), drawn on the GPU one tensor at a time."""
+    """Norms 1, everything else normal(0, 0.02) (as bench.py draws them), written by save_quantized."""
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_hf_config(config_json)).to(torch.bfloat16)
         if quantization:
             quant.quantize_module_tree(model, quantization, torch.bfloat16)
     model = model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    for name, param in model.named_parameters():
-        param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0, 0.02, generator=generator)
+    randomize_(model, device)  # the dense parameters
+    generator = torch.Generator(device=device).manual_seed(1)
     for layer in quant.quantized_layers(model).values():
         for start in range(0, layer.out_features, 8192):  # (a float32 block of at most 8192 rows at a time)
             rows = min(8192, layer.out_features - start)
@@ -85,7 +85,7 @@ def main() -> None:
     peak = (lambda: torch.cuda.max_memory_allocated() / 2**30) if cuda else (lambda: float("nan"))
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else float("nan")
     print(f"loaded in {loaded:.0f} s ({'prequantized' if args.prequantized else 'quantized while read'}); "
-          f"model {quant.quantized_bytes(llm.model) / 2**30:.1f} GiB on the device, peak while loading "
+          f"model {quant.held_bytes(llm.model) / 2**30:.1f} GiB on the device, peak while loading "
           f"{peak():.1f} GiB of {total:.0f} GiB", flush=True)
     llm.eos_token_ids = []
     prompt = torch.randint(0, config_json["vocab_size"], (128,), generator=torch.Generator().manual_seed(0)).tolist()
