@@ -13,43 +13,63 @@ Two kernels per format:
 
 gemv   BLOCK_M = 1, chosen at M = 1. Program (n block, row m, K split): BLOCK_N weight rows walked along K,
        BLOCK_K features a step, float32 products kept per element and summed once at the end. No tensor cores.
-dot    BLOCK_M >= 16, chosen at M >= 2. Program (n block, m block, K split): each step dequantizes a [BLOCK_N,
-       BLOCK_K] weight tile and multiplies it by the [BLOCK_M, BLOCK_K] tile of x with tl.dot, as y^T = W x^T
-       (the weight tile is the left operand, which Hopper's wgmma takes from registers). Each weight is read
-       once per BLOCK_M rows of x.
+dot    BLOCK_M >= 16, chosen at M >= 2. Program (n block, m block, K split): each step turns a [BLOCK_N, BLOCK_K]
+       weight tile into x's dtype and multiplies it by the [BLOCK_M, BLOCK_K] tile of x with tl.dot, as
+       y^T = W x^T (the weight tile is the left operand, which the tensor cores take from registers). Each weight
+       is read once per BLOCK_M rows of x.
 
-Unpacking (`_field`). The weights are read as int32 words (the stored bytes viewed), 4 int8 or 8 int4 values
-each, and turned into floats without an int-to-float instruction (Triton casts int8 with I2F.S8, one of the
-conversions the CUDA guide rates at 16 per SM per clock against 128 fmas: 4e12 a second on an H100, where an int4
-GEMV at 3 TB/s needs 6e12): a field is ORed into the low mantissa bits of the float
-2^23, whose last place is worth 1, and one fma removes the 2^23 and the field's bit position. Fields are taken in
-place from the low half of a word and from the word shifted down 16 bits, so an int4 weight costs one LOP3 and
-one fma before its product; int8 bytes get their sign bits flipped first, one XOR per word, to read q + 128.
-16-bit x is loaded as int32 pairs, which the loop pipeline copies ahead with cp.async (2-byte loads it would
-wait for). Compiled for sm_90 (offline, SASS counted), the loops take ~4.5 (int8 gemv), ~4.8 (int4 gemv), ~5.5
-(int8 dot) and ~7.5 (int4 dot) instructions per weight. An H100 issues 33e12 a second (132 SMs x 128 lanes x
-1.98 GHz); int4 weights at 80% of 3.35 TB/s are 5.4e12 a second, which leaves 6.2 instructions each (12.4 for
-int8): the int4 dot kernel, over that, is expected to top out nearer 65%.
+Unpacking for the gemv and the int8 dot kernel (`_field`). The weights are read as int32 words (the stored bytes
+viewed), 4 int8 or 8 int4 values each, and turned into floats without an int-to-float instruction (Triton casts
+int8 with I2F.S8, one of the conversions the CUDA guide rates at 16 per SM per clock against 128 fmas: 4e12 a
+second on an H100, where an int4 GEMV at 3 TB/s needs 6e12): a field is ORed into the low mantissa bits of the
+float 2^23, whose last place is worth 1, and one fma removes the 2^23 and the field's bit position. Fields are
+taken in place from the low half of a word and from the word shifted down 16 bits, so an int4 weight costs one
+LOP3 and one fma before its product; int8 bytes get their sign bits flipped first, one XOR per word, to read
+q + 128. 16-bit x is loaded as int32 pairs, which the loop pipeline copies ahead with cp.async (2-byte loads it
+would wait for). Compiled for sm_90 by Triton 3.6 (offline, SASS counted), the loops take ~4.5 (int8 gemv),
+4.6-4.9 (int4 gemv) and ~5.5 (int8 dot) instructions per weight. An H100 issues 33e12 a second (132 SMs x 128
+lanes x 1.98 GHz); int4 weights at 80% of 3.35 TB/s are 5.4e12 a second, which leaves 6.2 instructions each.
 
-int4 groups. The gemv uses sum_k x_k w_k = s_g sum_k x_k q_k + mn_g sum_k x_k: a step sums x_k q_k over each
-group in its tile before the scale and minimum are applied ([BLOCK_N, groups] values, not one per weight). The dot
-kernel dequantizes w = q s + mn per weight (float32, then rounded to x's dtype), so BLOCK_K may exceed G.
+The int4 dot kernel (`_int4_dot_kernel`) reads qweight as 16-bit units, 4 consecutive features each (nibble t of
+unit i is feature 4i + t), so one [BLOCK_N, BLOCK_K / 4] tile of units gives four weight tiles w_t[n, i] =
+w[n, 4i + t], multiplied by the four tiles x_t[m, i] = x[m, 4i + t] that a reshape and two tl.split take out of
+the x tile in registers: the stored layout needs no change. Inline PTX (`_units_to_weights`) converts two units
+(one 32-bit register) at a time: a nibble of each half ORed into bf16 128.0 (fp16 1024.0), whose last place is
+worth 1, a packed subtract of 128 leaves q exactly, and a packed fma makes w = q s + mn, rounded once to x's
+dtype as F.linear on the dequantized weight would see it: 15 instructions for 8 weights, ~2.8-3.2 per weight in
+the whole loop (Triton 3.6, sm_90; the previous kernel, float32 dequantization then joins and a reshape, took
+~8.4). float32 x, and Triton's interpreter (which cannot run PTX), compute w in float32 instead.
+Triton picks the tensor-core instruction from the warp count: with 1-2 warps mma.sync (HMMA), whose operands are
+plain registers; with 4 or 8, wgmma, after each of which Triton 3.6 waits when the left operand comes from
+registers, and whose x tiles go through shared memory with a fence: on an H100 the wgmma version ran at 19-28%
+of the copy bandwidth at 1 and 16 rows, latency-bound, where 2 warps of mma.sync reached 32-51% at 16 rows (docs/
+benchmarks.md). A step covers two groups (BLOCK_K = 2 G, G = 64 or 128) whose scales and minimums are one 4-byte
+pair per row, which the pipeline copies ahead; group 32 takes one per unit, group 256 one group a step.
+
+Rows past N and M are clamped to the last row (read again, not stored), so no tile load needs a mask but the one
+along K when BLOCK_K does not divide K.
+
+int4 groups in the gemv: sum_k x_k w_k = s_g sum_k x_k q_k + mn_g sum_k x_k; a step sums x_k q_k over each group
+in its tile before the scale and minimum are applied ([BLOCK_N, groups] values, not one per weight).
 
 Split-K. With SPLIT_K > 1 each program covers 1 / SPLIT_K of K and writes float32 partial sums [SPLIT_K, M, N]
 that a second small kernel adds up. It pays only when the n blocks alone leave SMs idle: a small N (tensor-
-parallel shards), or the dot kernel's 64-row blocks at N = 4096. Elsewhere it would only add a kernel.
+parallel shards, qkv, o and down at 8B), or row blocks of 64. Elsewhere it would only add a kernel.
 
 Launch configs (`default_config`; no autotuning, since a compiled graph must launch the same kernel every step,
 chosen without timing anything; each knob is a keyword override, which scripts/quant_kernels_bench.py sweeps):
   M = 1    gemv: BLOCK_K = 1 KB of each row a step (1024 int8 features; int4: 512 bytes, 1024 features),
            BLOCK_N = 16 (int4 with N >= 8192: 32), 4 warps (each thread holds 4 rows, so each x value it loads
            serves 4 weights), 3 pipeline stages (a loop without tl.dot is pipelined only when tl.range asks).
-           BLOCK_N = 8 when N / 16 blocks would leave SMs idle.
-  M >= 2   dot: BLOCK_M = 16 / 32 / 64 for M up to 16 / 32 / more, BLOCK_N = 64 (one wgmma tile), BLOCK_K = 128
-           features (int8 at BLOCK_M = 16: 256; larger tiles spill registers), and for int4 at most one group, so
-           that a tile takes one scale and minimum per row (per word, a [64, 16] gather of them made group 64
-           2-3x slower than group 128 on an H100), 4 warps, 4 stages.
-  both     SPLIT_K = the smallest power of two that gives every SM a program (the int4 dot kernel: three), as long
+           BLOCK_N = 8 when N / 16 blocks would leave SMs idle. (The int4 dot kernel at one row, 16 rows of x
+           of which one is used, was not faster than this gemv on an H100.)
+  M >= 2   int8 dot: BLOCK_M = 16 / 32 / 64 for M up to 16 / 32 / more, BLOCK_N = 64 (one wgmma tile), BLOCK_K =
+           128 features (256 at BLOCK_M = 16; larger tiles spill registers), 4 warps, 4 stages.
+           int4 dot: BLOCK_M = 16: BLOCK_N = 64, 2 warps (mma.sync), 3 stages; BLOCK_M = 32 or 64: BLOCK_N = 128,
+           wgmma with 8 warps and 4 stages (group <= 64) or 4 warps and 3 stages (group >= 128), the best of
+           the H100 sweep at 64 rows; BLOCK_K = 2 G (64 at G = 32, 256 at G = 256), at most 128 for float32 x,
+           which also takes 2 stages (shared memory).
+  both     SPLIT_K = the smallest power of two that gives every SM a program (int4 at BLOCK_M = 16: two), as long
            as each split keeps 2 steps.
 """
 
@@ -63,6 +83,7 @@ import triton.language as tl
 from torch import Tensor
 
 CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
+MAGIC = 0x4B000000  # the bits of the float32 2^23 (`_field`)
 
 
 # ---------------------------------------------------------------------------- unpacking
@@ -213,48 +234,110 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
     _store(out_ptr, tl.sum(total, axis=1), m, n, M, N, split)
 
 
-@triton.jit
-def _dequantized(low, high, t: tl.constexpr, s, mn, magic, dtype: tl.constexpr):
-    """w = q s + mn for value t of each word, in dtype."""
-    return tl.fma(_value(low, high, t, 4, magic), s, mn).to(dtype)
+# Nibble t of each 16-bit unit (one per half of a 32-bit register) is ORed into the low mantissa bits of 128.0
+# (bf16 0x4300: its last place is worth 1) or 1024.0 (fp16 0x6400), giving 128 + q or 1024 + q for both halves
+# at once; a packed subtract makes q exact and a packed fma w = q s + mn, rounded once to x's dtype.
+_UNITS_TO_WEIGHTS_PTX = " ".join("""
+.reg .b32 t0, t1, t2, t3, magic;
+mov.b32 magic, {magic};
+lop3.b32 t0, $4, 0x000F000F, magic, 0xea;
+shr.u32 t1, $4, 4;  lop3.b32 t1, t1, 0x000F000F, magic, 0xea;
+shr.u32 t2, $4, 8;  lop3.b32 t2, t2, 0x000F000F, magic, 0xea;
+shr.u32 t3, $4, 12; lop3.b32 t3, t3, 0x000F000F, magic, 0xea;
+sub.rn.{type}x2 t0, t0, magic; sub.rn.{type}x2 t1, t1, magic;
+sub.rn.{type}x2 t2, t2, magic; sub.rn.{type}x2 t3, t3, magic;
+fma.rn.{type}x2 $0, t0, $5, $6; fma.rn.{type}x2 $1, t1, $5, $6;
+fma.rn.{type}x2 $2, t2, $5, $6; fma.rn.{type}x2 $3, t3, $5, $6;
+""".split())  # one line: Inductor copies this string into the Python source of a compiled graph
+_BF16_UNITS_TO_WEIGHTS = tl.constexpr("{" + _UNITS_TO_WEIGHTS_PTX.format(magic="0x43004300", type="bf16") + "}")
+_F16_UNITS_TO_WEIGHTS = tl.constexpr("{" + _UNITS_TO_WEIGHTS_PTX.format(magic="0x64006400", type="f16") + "}")
 
 
 @triton.jit
-def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x, magic,
+def _units_to_weights(units, s, mn, ASM: tl.constexpr):
+    """(w0, w1, w2, w3), w_t = q_t s + mn in s's dtype, for q_t = nibble t (bits 4t..4t+3) of each int16 unit;
+    s and mn broadcast against units. ASM: two units a register in PTX (bf16 / fp16, on a GPU); otherwise w is
+    computed in float32, then rounded to s's dtype (float32 x, and Triton's interpreter, which cannot run PTX)."""
+    if ASM:
+        if s.dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(_BF16_UNITS_TO_WEIGHTS, "=r,=r,=r,=r,r,r,r", [units, s, mn],
+                                             dtype=(s.dtype,) * 4, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(_F16_UNITS_TO_WEIGHTS, "=r,=r,=r,=r,r,r,r", [units, s, mn],
+                                             dtype=(s.dtype,) * 4, is_pure=True, pack=2)
+    else:
+        dtype: tl.constexpr = s.dtype
+        s, mn = s.to(tl.float32), mn.to(tl.float32)
+        w0 = ((units & 15).to(tl.float32) * s + mn).to(dtype)
+        w1 = (((units >> 4) & 15).to(tl.float32) * s + mn).to(dtype)
+        w2 = (((units >> 8) & 15).to(tl.float32) * s + mn).to(dtype)
+        w3 = (((units >> 12) & 15).to(tl.float32) * s + mn).to(dtype)
+        return w0, w1, w2, w3
+
+
+@triton.jit
+def _int4_dot_step(acc, u_rows, x_rows, k0, s, mn, KU, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
+                   EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] + the products of features k0 .. k0 + WIDTH: unit i of a row holds q[n, 4i + t] in
+    nibble t, so a [BLOCK_N, WIDTH / 4] tile of units gives four weight tiles w_t[n, i] = w[n, 4i + t], each
+    multiplied by x_t[m, i] = x[m, 4i + t] (x split four ways in registers). s, mn: [BLOCK_N, 1] or per unit."""
+    i = k0 // 4 + tl.arange(0, WIDTH // 4)  # [WIDTH / 4] unit index
+    k = k0 + tl.arange(0, WIDTH)  # [WIDTH]
+    if EVEN_K:
+        units = tl.load(u_rows + i[None, :])  # [BLOCK_N, WIDTH / 4]
+        x = tl.load(x_rows + k[None, :])  # [BLOCK_M, WIDTH]
+    else:  # past K: q = 0 and x = 0
+        units = tl.load(u_rows + i[None, :], mask=(i < KU)[None, :], other=0)
+        x = tl.load(x_rows + k[None, :], mask=(k < KU * 4)[None, :], other=0.0)
+    w0, w1, w2, w3 = _units_to_weights(units, s, mn, ASM)
+    # x[m, 4i + 2a + b] -> x_t[m, i] for t = 2a + b (tl.split takes the last dimension, of size 2)
+    x02, x13 = tl.split(tl.reshape(x, [BLOCK_M, WIDTH // 4, 2, 2]))
+    x0, x2 = tl.split(x02)
+    x1, x3 = tl.split(x13)
+    acc = tl.dot(w0, tl.trans(x0), acc, input_precision="ieee")  # "ieee": fp32 x without tf32 rounding
+    acc = tl.dot(w1, tl.trans(x1), acc, input_precision="ieee")
+    acc = tl.dot(w2, tl.trans(x2), acc, input_precision="ieee")
+    return tl.dot(w3, tl.trans(x3), acc, input_precision="ieee")
+
+
+@triton.jit
+def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KU, k_per_split, stride_x, NG,
                      G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NUM_STAGES: tl.constexpr):
-    """Program (n block, m block, split): acc[n, m] = sum_k w[n, k] x[m, k] with tl.dot, w = q s + mn dequantized
-    a [BLOCK_N, BLOCK_K] tile at a time."""
+                     NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """Program (n block, m block, split): acc[n, m] = sum_k w[n, k] x[m, k] with tensor cores (`_int4_dot_step`),
+    w_ptr: qweight viewed as int16 [N, KU], KU = K / 4; NG = K / G groups a row. A step of BLOCK_K features takes
+    one scale and minimum per row when it lies in one group, a pair of them when it spans two groups (BLOCK_K =
+    2 G: the pair is one 4-byte load per row, which the pipeline copies ahead, where 2-byte loads would be waited
+    for), else one per unit (group 32, or a step over more groups)."""
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    row_ok = n < N
-    NG = KW * 8 // G
-    w_rows = w_ptr + n[:, None].to(tl.int64) * KW
-    x_rows = x_ptr + m[:, None] * stride_x
+    # rows past N or M read the last row again (and are not stored): the loads need no masks
+    rows = tl.minimum(n, N - 1)
+    u_rows = w_ptr + rows[:, None].to(tl.int64) * KU  # [BLOCK_N, 1]
+    x_rows = x_ptr + tl.minimum(m, M - 1)[:, None] * stride_x  # [BLOCK_M, 1]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     start = split * k_per_split
-    for k0 in tl.range(start, tl.minimum(start + k_per_split, KW * 8), BLOCK_K, num_stages=NUM_STAGES):
-        i = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # [BLOCK_K / 8]
-        words = tl.load(w_rows + i[None, :], mask=row_ok[:, None] & (i < KW)[None, :], other=0)
-        k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + k[None, :], mask=(m[:, None] < M) & (k < KW * 8)[None, :], other=0.0)
-        if BLOCK_K <= G:  # the tile lies in one group: one scale and minimum per row
-            s = tl.load(scales_ptr + n * NG + k0 // G, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            mn = tl.load(mins_ptr + n * NG + k0 // G, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        else:  # one per word
-            ok = row_ok[:, None] & (i < KW)[None, :]
-            g = n[:, None] * NG + (i // (G // 8))[None, :]  # [BLOCK_N, BLOCK_K / 8]
-            s = tl.load(scales_ptr + g, mask=ok, other=0.0).to(tl.float32)
-            mn = tl.load(mins_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        low, high = _halves(words, 4)
-        w0, w1 = _dequantized(low, high, 0, s, mn, magic, x.dtype), _dequantized(low, high, 1, s, mn, magic, x.dtype)
-        w2, w3 = _dequantized(low, high, 2, s, mn, magic, x.dtype), _dequantized(low, high, 3, s, mn, magic, x.dtype)
-        w4, w5 = _dequantized(low, high, 4, s, mn, magic, x.dtype), _dequantized(low, high, 5, s, mn, magic, x.dtype)
-        w6, w7 = _dequantized(low, high, 6, s, mn, magic, x.dtype), _dequantized(low, high, 7, s, mn, magic, x.dtype)
-        # w[n, i, a, b, c] = w of value 4a + 2b + c of word i, which the reshape puts at k = 8i + 4a + 2b + c
-        w = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
-        acc = tl.dot(tl.reshape(w, [BLOCK_N, BLOCK_K]), tl.trans(x), acc, input_precision="ieee")
+    for k0 in tl.range(start, tl.minimum(start + k_per_split, KU * 4), BLOCK_K, num_stages=NUM_STAGES):
+        k0 = tl.multiple_of(k0, BLOCK_K)
+        if BLOCK_K <= G:  # one group
+            s = tl.load(scales_ptr + rows * NG + k0 // G)[:, None]  # [BLOCK_N, 1]
+            mn = tl.load(mins_ptr + rows * NG + k0 // G)[:, None]
+            acc = _int4_dot_step(acc, u_rows, x_rows, k0, s, mn, KU, BLOCK_M, BLOCK_K, EVEN_K, ASM)
+        elif BLOCK_K == 2 * G and G >= 64:  # two groups, g and g + 1 (each 16 units wide at least)
+            g = tl.multiple_of(k0 // G, 2) + tl.arange(0, 2)  # [2]
+            pair = rows[:, None] * NG + g[None, :]  # [BLOCK_N, 2]
+            s0, s1 = tl.split(tl.load(scales_ptr + pair, mask=(g < NG)[None, :], other=0.0))
+            mn0, mn1 = tl.split(tl.load(mins_ptr + pair, mask=(g < NG)[None, :], other=0.0))
+            acc = _int4_dot_step(acc, u_rows, x_rows, k0, s0[:, None], mn0[:, None], KU, BLOCK_M, G, EVEN_K, ASM)
+            acc = _int4_dot_step(acc, u_rows, x_rows, k0 + G, s1[:, None], mn1[:, None], KU, BLOCK_M, G, EVEN_K,
+                                 ASM)
+        else:  # one scale and minimum per unit
+            g = rows[:, None] * NG + ((k0 + 4 * tl.arange(0, BLOCK_K // 4)) // G)[None, :]  # [BLOCK_N, BLOCK_K / 4]
+            in_k = (k0 + 4 * tl.arange(0, BLOCK_K // 4) < KU * 4)[None, :]
+            s = tl.load(scales_ptr + g, mask=in_k, other=0.0)
+            mn = tl.load(mins_ptr + g, mask=in_k, other=0.0)
+            acc = _int4_dot_step(acc, u_rows, x_rows, k0, s, mn, KU, BLOCK_M, BLOCK_K, EVEN_K, ASM)
     _store(out_ptr, acc, m, n, M, N, split)
 
 
@@ -275,41 +358,46 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size: int = 0,
+def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size: int = 0, x_itemsize: int = 2,
                    **overrides: int) -> dict[str, int]:
     """The launch config (keys CONFIG_KEYS) of an [M, K] x [N, K]^T product with `bits`-bit weights (8 or 4) on a
     GPU with `sm_count` SMs; the module docstring says why. Nonzero `overrides` replace single choices, and
     split_k, unless given, follows the tiles chosen."""
     overrides = {key: value for key, value in overrides.items() if value}
     assert set(overrides) <= set(CONFIG_KEYS), overrides
-    if overrides.get("block_m", 1 if M == 1 else 16) == 1:
+    block_m = 1 if M == 1 else 16 if M <= 16 else 32 if M <= 32 else 64
+    if overrides.get("block_m", block_m) == 1:
         config = dict(block_m=1, block_n=16 if triton.cdiv(N, 16) >= sm_count else 8, block_k=8192 // bits,
                       num_warps=4, num_stages=3)
         if bits == 4:  # the H100 sweep: half a KB of each row a step, 32 rows from 8k rows on (-1% to -14%)
             config |= dict(block_k=1024, block_n=32 if N >= 8192 else config["block_n"])
-    else:
-        block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-        config = dict(block_m=block_m, block_n=64, block_k=256 if block_m == 16 and bits == 8 else 128,
-                      num_warps=4, num_stages=4)
-        if bits == 4 and group_size:  # a tile within one group: one scale and minimum per row, not per word
-            config["block_k"] = min(config["block_k"], group_size)
+    elif bits == 8:
+        config = dict(block_m=block_m, block_n=64, block_k=256 if block_m == 16 else 128, num_warps=4, num_stages=4)
+    else:  # int4: two groups a step (one 4-byte load of their scales per row), 64 to 256 features
+        block_k = 2 * group_size if 64 <= group_size <= 128 else max(64, min(group_size, 256))
+        config = dict(block_m=block_m, block_n=64, block_k=block_k, num_warps=2, num_stages=3)  # mma.sync
+        if block_m > 16:  # wgmma, the H100 sweeps' best for 64 rows
+            config |= dict(block_n=128, num_warps=8, num_stages=4) if group_size <= 64 else dict(block_n=128,
+                                                                                                 num_warps=4)
+        if x_itemsize == 4:  # float32 x tiles: half the features a step and two stages fit shared memory
+            config |= dict(block_k=min(block_k, 128), num_stages=2)
     config |= overrides
     bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
     assert bm == 1 or bm >= 16, f"block_m={bm}: 1 (gemv) or at least 16 (tl.dot)"
-    assert bk & (bk - 1) == 0 and bk >= (16 if bm > 1 else 32 // bits), f"block_k={bk}: a power of two, >= 16"
+    smallest = 32 // bits if bm == 1 else 64 if bits == 4 else 16  # (int4 dot: four tl.dot of bk / 4 features)
+    assert bk & (bk - 1) == 0 and bk >= smallest, f"block_k={bk}: a power of two, >= {smallest}"
     if "split_k" not in config:
         programs, split_k = triton.cdiv(N, bn) * (M if bm == 1 else triton.cdiv(M, bm)), 1
-        # (the int4 dot kernel wants ~3 programs per SM: 2-3x faster at 16 rows on an H100, docs/benchmarks.md)
-        wanted = 3 * sm_count if bits == 4 and bm > 1 else sm_count
+        wanted = 2 * sm_count if bits == 4 and bm == 16 else sm_count  # (H100: 2-3 mma.sync programs an SM)
         while programs * split_k < wanted and K >= 4 * split_k * bk:
             split_k *= 2
         config["split_k"] = split_k
     return {key: config[key] for key in CONFIG_KEYS}
 
 
-def _launch(gemv, dot, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, config: dict[str, int],
+def _launch(kernel, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, config: dict[str, int], *tail,
             **constexprs) -> Tensor:
-    """Run the gemv or dot kernel on x [M, K] and words [N, KW], then add up the splits; -> y [M, N]."""
+    """Run a gemv (block_m = 1) or dot kernel on x [M, K] and words [N, KW], then add up the splits; -> y [M, N]."""
     M, K = x.shape
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:  # the gemv reads 16-bit x as int32 pairs
         x = x.clone(memory_format=torch.contiguous_format)
@@ -317,14 +405,12 @@ def _launch(gemv, dot, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: in
     k_per_split = bk * triton.cdiv(triton.cdiv(K, bk), split_k)  # a multiple of BLOCK_K
     out = x.new_empty(M, N)
     target = out if split_k == 1 else x.new_empty(split_k, M, N, dtype=torch.float32)
-    args = (x, words, *meta, target, M, N, words.shape[1], k_per_split, x.stride(0), 0x4B000000)
-    options = dict(BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=config["num_stages"], num_warps=config["num_warps"],
-                   num_stages=config["num_stages"], **constexprs)
-    if bm == 1:
-        torch.library.wrap_triton(gemv)[(triton.cdiv(N, bn), M, split_k)](*args, **options)
-    else:
-        torch.library.wrap_triton(dot)[(triton.cdiv(N, bn), triton.cdiv(M, bm), split_k)](*args, BLOCK_M=bm,
-                                                                                         **options)
+    if bm > 1:
+        constexprs["BLOCK_M"] = bm
+    torch.library.wrap_triton(kernel)[(triton.cdiv(N, bn), M if bm == 1 else triton.cdiv(M, bm), split_k)](
+        x, words, *meta, target, M, N, words.shape[1], k_per_split, x.stride(0), *tail, BLOCK_N=bn, BLOCK_K=bk,
+        NUM_STAGES=config["num_stages"], num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **constexprs)
     if split_k > 1:
         block = 1024
         torch.library.wrap_triton(_sum_splits_kernel)[(triton.cdiv(M * N, block),)](
@@ -340,7 +426,8 @@ def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, block_m: int = 0, blo
     N = weight.shape[0]
     config = default_config(8, M, N, K, _sm_count(x.device), block_m=block_m, block_n=block_n, block_k=block_k,
                             split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    return _launch(_int8_gemv_kernel, _int8_dot_kernel, x, weight.view(torch.int32), (scale,), N, config)
+    kernel = _int8_gemv_kernel if config["block_m"] == 1 else _int8_dot_kernel
+    return _launch(kernel, x, weight.view(torch.int32), (scale,), N, config, MAGIC)
 
 
 @torch.library.triton_op("llama::int4_linear", mutates_args=())
@@ -349,10 +436,15 @@ def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group
                  num_stages: int = 0) -> Tensor:
     M, K = x.shape
     N = qweight.shape[0]
-    config = default_config(4, M, N, K, _sm_count(x.device), group_size, block_m=block_m, block_n=block_n,
-                            block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    return _launch(_int4_gemv_kernel, _int4_dot_kernel, x, qweight.view(torch.int32), (scales, mins), N, config,
-                   G=group_size)
+    config = default_config(4, M, N, K, _sm_count(x.device), group_size, x.element_size(), block_m=block_m,
+                            block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
+                            num_stages=num_stages)
+    if config["block_m"] == 1:
+        return _launch(_int4_gemv_kernel, x, qweight.view(torch.int32), (scales, mins), N, config, MAGIC,
+                       G=group_size)
+    return _launch(_int4_dot_kernel, x, qweight.view(torch.int16), (scales, mins), N, config, K // group_size,
+                   G=group_size, EVEN_K=K % config["block_k"] == 0,
+                   ASM=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, block_m: int = 0, block_n: int = 0, block_k: int = 0,

@@ -1,8 +1,10 @@
 """The weight-only quantized kernels (llama/quant_kernels.py) against the plain formula: the weight dequantized in
 float64, then a float64 matmul. Run by Triton's interpreter on the CPU, in float32, bfloat16 and float16, through
 every kernel path: the GEMV (block_m = 1), the tl.dot kernel (block_m >= 16), each with and without split-K, with
-tiles that overhang K and N. Skipped where Triton is not installed (the CPU-only CI); on a GPU,
-scripts/quant_kernels_bench.py checks them in bf16 at the Llama shapes.
+tiles that overhang K and N, and for int4 each way a step takes its scales (one group, two, one per unit).
+Skipped where Triton is not installed (the CPU-only CI); on a GPU, scripts/quant_kernels_bench.py checks them in
+bf16 at the Llama shapes (with the int4 dot kernel's PTX conversion, which the interpreter cannot run: here it
+computes the same weights in float32) and at ragged shapes in bf16, fp16 and fp32.
 
 Tolerance, per output: |y - ref| <= u |ref| + 1e-5 sum_k |x_k w_k|, where u is the unit roundoff of the output
 dtype (2^-8 bfloat16, 2^-11 float16, 0 float32): one rounding of the result to x's dtype, plus float32 sums of
@@ -76,13 +78,16 @@ print("ok")
 INT4 = PRELUDE + """
 from llama.quant_kernels import int4_linear
 cases = [  # (M, N, K, G, config): the path each exercises
-    (1, 72, 128, 32, {}),                                  # gemv, one step wider than K (groups past K masked)
+    (1, 72, 128, 32, {}),                                  # gemv (the default at one row), one step wider than K
     (1, 72, 256, 64, dict(block_k=64)),                    # gemv, one whole group a step
     (1, 200, 512, 128, dict(block_k=64, split_k=3)),       # gemv, half a group a step, split-K, last split short
     (3, 72, 512, 256, dict(block_m=1, block_k=512)),       # gemv over 3 rows, two groups a step
-    (3, 72, 256, 32, {}),                                  # dot (the default at M > 1), 8 groups a step
-    (16, 200, 512, 128, dict(block_k=64, split_k=2)),      # dot, half a group a step, split-K
-    (33, 72, 256, 64, dict(block_m=32, block_k=64)),       # dot, two row blocks, one group a step
+    (1, 72, 256, 64, dict(block_m=16)),                    # dot at one row: two groups a step, N past the tile
+    (3, 72, 256, 32, {}),                                  # dot (the default at M > 1), group 32: a scale per unit
+    (16, 200, 512, 128, dict(block_k=128, split_k=2)),     # dot, one group a step, split-K
+    (33, 72, 256, 64, dict(block_m=32, num_warps=4)),      # dot, two row blocks, the second one row
+    (5, 40, 320, 64, dict(block_k=128)),                   # dot, K past the last step, an odd number of groups
+    (2, 40, 384, 64, dict(block_k=256)),                   # dot, four groups a step: a scale per unit, K ragged
 ]
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for M, N, K, G, config in cases:
@@ -93,8 +98,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         y = int4_linear(x, qweight, scales, mins, G, **config)
         q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(N, K).double()  # low nibble first
         w = q * scales.double().repeat_interleave(G, 1) + mins.double().repeat_interleave(G, 1)
-        dot_kernel = M > 1 and config.get("block_m") != 1
-        check(y, x, w.float().to(dtype).double() if dot_kernel else w, dtype, (dtype, M, N, K, G, config))
+        gemv = config.get("block_m", 1 if M == 1 else 16) == 1
+        check(y, x, w if gemv else w.float().to(dtype).double(), dtype, (dtype, M, N, K, G, config))
 print("ok")
 """
 
@@ -152,10 +157,38 @@ def test_default_config_takes_the_gemv_at_one_row_and_splits_k_only_for_idle_sms
     H100 = 132  # SMs
     assert default_config(8, 1, 28672, 4096, H100) == dict(block_m=1, block_n=16, block_k=1024, split_k=1,
                                                            num_warps=4, num_stages=3)
-    assert default_config(4, 1, 4096, 14336, H100)["block_k"] == 1024  # int4: half a KB of each row a step
-    assert default_config(4, 1, 1024, 8192, H100)["block_n"] == 8  # 64 blocks of 16 rows would idle half the SMs
-    assert default_config(4, 16, 4096, 4096, H100)["split_k"] == 8  # 64 dot programs -> 512, ~3 per SM
-    assert default_config(4, 16, 4096, 4096, H100, group_size=64)["block_k"] == 64  # one group per tile
+    assert default_config(4, 1, 4096, 14336, H100, 64)["block_m"] == 1  # int4 at one row: the gemv too
+    assert default_config(4, 1, 4096, 14336, H100, 64)["block_k"] == 1024  # int4: half a KB of each row a step
+    assert default_config(4, 1, 1024, 8192, H100, 64)["block_n"] == 8  # 64 blocks of 16 rows would idle half the SMs
     assert default_config(8, 16, 28672, 4096, H100)["split_k"] == 1  # 448 already
     assert [default_config(8, M, 4096, 4096, H100)["block_m"] for M in (2, 16, 17, 33, 200)] == [16, 16, 32, 64, 64]
     assert default_config(8, 1, 64, 256, H100)["split_k"] == 1  # too short a K to split
+
+
+@needs_triton
+def test_int4_dot_config_takes_two_warps_of_mma_sync_up_to_16_rows_and_two_programs_an_sm():
+    from llama.quant_kernels import default_config
+
+    H100 = 132  # SMs
+    assert default_config(4, 16, 6144, 4096, H100, 64) == dict(block_m=16, block_n=64, block_k=128, split_k=4,
+                                                               num_warps=2, num_stages=3)  # 96 blocks x 4 splits
+    assert default_config(4, 2, 28672, 4096, H100, 64)["split_k"] == 1  # 448 blocks already
+
+
+@needs_triton
+def test_int4_dot_config_steps_over_two_groups_and_fits_float32_x():
+    from llama.quant_kernels import default_config
+
+    H100 = 132  # SMs
+    assert [default_config(4, 16, 4096, 4096, H100, G)["block_k"] for G in (32, 64, 128, 256)] == [64, 128, 256, 256]
+    float32 = default_config(4, 16, 4096, 4096, H100, 128, x_itemsize=4)
+    assert (float32["block_k"], float32["num_stages"]) == (128, 2)
+
+
+@needs_triton
+def test_int4_dot_config_takes_wgmma_from_17_rows():
+    from llama.quant_kernels import default_config
+
+    H100 = 132  # SMs
+    assert [default_config(4, M, 4096, 4096, H100, 64)["num_warps"] for M in (16, 17, 64)] == [2, 8, 8]
+    assert default_config(4, 64, 4096, 4096, H100, 128)["num_warps"] == 4
