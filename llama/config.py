@@ -59,6 +59,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ConfigError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.n_heads}) must be a multiple of num_key_value_heads ({self.n_kv_heads})"
@@ -72,10 +75,7 @@ class ModelConfig:
     def from_file(cls, path: str | Path, **overrides: Any) -> ModelConfig:
         """Read a `config.json` (Hugging Face) or a `params.json` (Meta), by file name."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read the configuration: {e}") from e
+        data = read_json(path)
         if path.name == "params.json":
             return cls.from_meta_params(data, source=str(path), **overrides)
         return cls.from_hf_config(data, source=str(path))
@@ -83,14 +83,7 @@ class ModelConfig:
     # ---------------------------------------------------------------- Hugging Face config.json
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        def get(key: str, default: Any = _REQUIRED) -> Any:
-            value = config.get(key)
-            if value is None:
-                if default is _REQUIRED:
-                    raise ConfigError(f"{source}: required key {key!r} is missing")
-                return default
-            return value
-
+        keys = _Keys(config, source)
         model_type = config.get("model_type", "llama")
         if model_type != "llama":
             raise ConfigError(f"{source}: model_type {model_type!r} is not a Llama model (expected 'llama')")
@@ -107,25 +100,27 @@ class ModelConfig:
         if unknown:
             warnings.warn(f"{source}: keys not used by this engine: {', '.join(unknown)}", stacklevel=3)
 
-        dim = int(get("hidden_size"))
-        n_heads = int(get("num_attention_heads"))
-        eos = get("eos_token_id", ())
-        return cls(
-            vocab_size=int(get("vocab_size")),
+        dim, n_heads = keys.integer("hidden_size"), keys.integer("num_attention_heads")
+        n_kv_heads = keys.integer("num_key_value_heads", n_heads)
+        _check_heads(source, ("hidden_size", dim), ("num_attention_heads", n_heads),
+                     ("num_key_value_heads", n_kv_heads), "head_dim" in config and config["head_dim"] is not None)
+        return _construct(
+            cls, source,
+            vocab_size=keys.integer("vocab_size"),
             dim=dim,
-            n_layers=int(get("num_hidden_layers")),
+            n_layers=keys.integer("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(get("num_key_value_heads", n_heads)),
-            head_dim=int(get("head_dim", dim // n_heads)),
-            ffn_dim=int(get("intermediate_size")),
-            norm_eps=float(get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            attention_bias=bool(get("attention_bias", False)),
-            mlp_bias=bool(get("mlp_bias", False)),
-            rope=_rope_from_hf(config, source),
-            bos_token_id=get("bos_token_id", None),
-            eos_token_ids=tuple(int(i) for i in eos) if isinstance(eos, (list, tuple)) else (int(eos),),
+            n_kv_heads=n_kv_heads,
+            head_dim=keys.integer("head_dim", dim // n_heads),
+            ffn_dim=keys.integer("intermediate_size"),
+            norm_eps=keys.number("rms_norm_eps", 1e-6, minimum=0.0),
+            max_position_embeddings=keys.integer("max_position_embeddings", 2048),
+            tie_word_embeddings=keys.flag("tie_word_embeddings", False),
+            attention_bias=keys.flag("attention_bias", False),
+            mlp_bias=keys.flag("mlp_bias", False),
+            rope=_rope_from_hf(keys),
+            bos_token_id=keys.integer("bos_token_id", None, minimum=0),
+            eos_token_ids=keys.token_ids("eos_token_id"),
         )
 
     # ---------------------------------------------------------------- Meta params.json
@@ -134,30 +129,29 @@ class ModelConfig:
         cls, params: dict[str, Any], source: str = "params.json", vocab_size: int | None = None
     ) -> ModelConfig:
         """Meta's `params.json`. Llama 2 says `vocab_size: -1`: pass the size read off the embedding tensor."""
-        for key in ("dim", "n_layers", "n_heads"):
-            if key not in params:
-                raise ConfigError(f"{source}: required key {key!r} is missing")
+        keys = _Keys(params, source)
         for key in ("quantization_args", "lora_args", "vision_chunk_size", "moe_args"):
             if params.get(key) not in (None, -1):
                 raise ConfigError(f"{source}: {key!r} is not supported by this engine")
-        dim, n_heads = int(params["dim"]), int(params["n_heads"])
-        n_layers = int(params["n_layers"])
+        dim, n_heads, n_layers = keys.integer("dim"), keys.integer("n_heads"), keys.integer("n_layers")
+        n_kv_heads = keys.integer("n_kv_heads", n_heads)
+        _check_heads(source, ("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), False)
         if params.get("vocab_size", -1) not in (-1, None):
-            vocab_size = int(params["vocab_size"])
+            vocab_size = keys.integer("vocab_size")
         if vocab_size is None:
             raise ConfigError(f"{source}: vocab_size is -1 and no embedding tensor was given to read it from")
 
-        theta = float(params.get("rope_theta", 10_000.0))
-        if params.get("use_scaled_rope", False):
+        theta = keys.number("rope_theta", 10_000.0, minimum=0.0, open_minimum=True)
+        if keys.flag("use_scaled_rope", False):
             # Meta's reference hard-codes factor 8 (Llama 3.1); Llama 3.2 1B/3B were trained with 32 and their
             # params.json does not say so, so the two 3.2 shapes are recognised here.
             default_factor = 32.0 if (dim, n_layers) in {(2048, 16), (3072, 28)} else 8.0
             rope = RopeConfig(
                 type="llama3",
                 theta=theta,
-                factor=float(params.get("rope_scaling_factor") or default_factor),
+                factor=keys.number("rope_scaling_factor", default_factor, minimum=0.0, open_minimum=True),
                 low_freq_factor=1.0,
-                high_freq_factor=float(params.get("rope_high_freq_factor", 4.0)),
+                high_freq_factor=keys.number("rope_high_freq_factor", 4.0, minimum=1.0, open_minimum=True),
                 original_max_position_embeddings=8192,
             )
             max_pos = 131_072
@@ -165,16 +159,18 @@ class ModelConfig:
             rope = RopeConfig(theta=theta)
             # Llama 2: 4096; Code Llama (theta 1e6): 16384; Llama 3: 8192.
             max_pos = {1_000_000.0: 16_384, 500_000.0: 8192}.get(theta, 4096)
-        return cls(
+        return _construct(
+            cls, source,
             vocab_size=vocab_size,
             dim=dim,
             n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
+            n_kv_heads=n_kv_heads,
             head_dim=dim // n_heads,
-            ffn_dim=meta_ffn_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
-            norm_eps=float(params.get("norm_eps", 1e-5)),
-            max_position_embeddings=int(params.get("max_seq_len") or max_pos),
+            ffn_dim=meta_ffn_dim(dim, keys.integer("multiple_of", 256),
+                                 keys.number("ffn_dim_multiplier", None, minimum=0.0, open_minimum=True)),
+            norm_eps=keys.number("norm_eps", 1e-5, minimum=0.0),
+            max_position_embeddings=keys.integer("max_seq_len", max_pos),
             rope=rope,
         )
 
@@ -205,22 +201,27 @@ _REQUIRED_ROPE_KEYS = {"linear": {"factor"}, "dynamic": {"factor"}, "llama3": {"
                                                                                 "high_freq_factor"}}
 
 
-def _rope_from_hf(config: dict[str, Any], source: str) -> RopeConfig:
+def _rope_from_hf(keys: _Keys) -> RopeConfig:
     """Both spellings: transformers 4.x `rope_theta` + `rope_scaling` ({"type"|"rope_type": ...} or null), and
     transformers 5.x `rope_parameters` ({"rope_type", "rope_theta", ...}). As in transformers, `rope_scaling`
     takes precedence when both are present."""
+    config, source = keys.data, keys.source
     key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
-    params = dict(config.get(key) or {})
-    theta = params.pop("rope_theta", None) or config.get("rope_theta") or 10_000.0
+    section = _Keys(config.get(key) or {}, source, prefix=f"{key}.")
+    params = dict(section.data)
+    theta = section.number("rope_theta", None, minimum=0.0, open_minimum=True)
+    if theta is None:
+        theta = keys.number("rope_theta", 10_000.0, minimum=0.0, open_minimum=True)
+    params.pop("rope_theta", None)
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
-    if rope_type not in _ROPE_KEYS:
+    if not isinstance(rope_type, str) or rope_type not in _ROPE_KEYS:
         raise ConfigError(
             f"{source}: {key}.rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
         )
     partial = params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1.0):
-        raise ConfigError(f"{source}: partial_rotary_factor={partial} is not supported (only 1.0)")
+        raise ConfigError(f"{source}: partial_rotary_factor={partial!r} is not supported (only 1.0)")
     unknown = set(params) - _ROPE_KEYS[rope_type]
     if rope_type == "default":
         unknown -= {"factor"}  # some checkpoints carry a meaningless factor 1.0 next to "default"
@@ -230,27 +231,127 @@ def _rope_from_hf(config: dict[str, Any], source: str) -> RopeConfig:
     if missing:
         raise ConfigError(f"{source}: {key} for rope_type {rope_type!r} is missing {sorted(missing)}")
 
-    max_pos = int(config.get("max_position_embeddings", 2048))
-    original = params.get("original_max_position_embeddings")
+    max_pos = keys.integer("max_position_embeddings", 2048)
+    original = section.integer("original_max_position_embeddings", None)
     if rope_type in ("llama3", "yarn") and original is None:
         original = max_pos  # transformers' default
-    factor = params.get("factor")
+    factor = section.number("factor", None, minimum=0.0, open_minimum=True)
     if rope_type == "yarn" and factor is None:
         factor = max_pos / original  # DeepSeek-style configs give the two lengths instead of a factor
+    low_freq_factor = section.number("low_freq_factor", 1.0, minimum=0.0, open_minimum=True)
+    high_freq_factor = section.number("high_freq_factor", 4.0, minimum=0.0, open_minimum=True)
+    if rope_type == "llama3" and not high_freq_factor > low_freq_factor:  # (the smooth ramp divides by the gap)
+        raise ConfigError(f"{source}: {key}.high_freq_factor={high_freq_factor} must be larger than "
+                          f"low_freq_factor={low_freq_factor}")
     return RopeConfig(
         type=rope_type,
-        theta=float(theta),
-        factor=float(factor) if rope_type != "default" and factor is not None else 1.0,
-        original_max_position_embeddings=None if original is None else int(original),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
-        attention_factor=params.get("attention_factor"),
-        mscale=params.get("mscale"),
-        mscale_all_dim=params.get("mscale_all_dim"),
-        truncate=bool(params.get("truncate", True)),
+        theta=theta,
+        factor=factor if rope_type != "default" and factor is not None else 1.0,
+        original_max_position_embeddings=original,
+        low_freq_factor=low_freq_factor,
+        high_freq_factor=high_freq_factor,
+        beta_fast=section.number("beta_fast", None) or 32.0,
+        beta_slow=section.number("beta_slow", None) or 1.0,
+        attention_factor=section.number("attention_factor", None, minimum=0.0, open_minimum=True),
+        mscale=section.number("mscale", None),
+        mscale_all_dim=section.number("mscale_all_dim", None),
+        truncate=section.flag("truncate", True),
     )
+
+
+def _construct(cls: type[ModelConfig], source: str, **fields: Any) -> ModelConfig:
+    """cls(**fields), with its own checks' messages (head_dim must be even, say) naming the file too."""
+    try:
+        return cls(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _check_heads(source: str, dim: tuple[str, int], n_heads: tuple[str, int], n_kv_heads: tuple[str, int],
+                 head_dim_given: bool) -> None:
+    """The attention layout's arithmetic, in the file's own key names: (key, value) pairs."""
+    if n_heads[1] % n_kv_heads[1]:
+        raise ConfigError(f"{source}: {n_heads[0]}={n_heads[1]} must be a multiple of "
+                          f"{n_kv_heads[0]}={n_kv_heads[1]} (each key/value head serves a whole group of heads)")
+    if not head_dim_given and dim[1] % n_heads[1]:
+        raise ConfigError(f"{source}: {dim[0]}={dim[1]} is not a multiple of {n_heads[0]}={n_heads[1]}, so the "
+                          f"heads cannot split the width (and no head_dim is given)")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's contents; a file that is missing, unreadable or not JSON is a ConfigError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+
+
+class _Keys:
+    """Typed reads of a config file's keys. A key that is absent or null takes its default (a required key has
+    none); a value of the wrong type or out of range is a ConfigError naming the file and the key."""
+
+    def __init__(self, data: Any, source: str, prefix: str = ""):
+        if not isinstance(data, dict):
+            where = f"{source}: {prefix[:-1]}" if prefix else source
+            raise ConfigError(f"{where}: expected a JSON object ({{...}}), got {_json_kind(data)}")
+        self.data, self.source, self.prefix = data, source, prefix
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.data.get(key)
+        if value is None and default is _REQUIRED:
+            raise ConfigError(f"{self.source}: required key {self.prefix + key!r} is missing")
+        return value
+
+    def _bad(self, key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.prefix}{key}={value!r}: expected {expected}")
+
+    def integer(self, key: str, default: Any = _REQUIRED, minimum: int = 1) -> Any:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        # (JSON writers may spell a whole number as 4096.0)
+        if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+            raise self._bad(key, value, f"a whole number >= {minimum}")
+        if value < minimum:
+            raise self._bad(key, value, f"a whole number >= {minimum}")
+        return int(value)
+
+    def number(self, key: str, default: Any = _REQUIRED, minimum: float | None = None,
+               open_minimum: bool = False) -> Any:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        bound = "" if minimum is None else f" {'>' if open_minimum else '>='} {minimum:g}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self._bad(key, value, f"a finite number{bound}")
+        if minimum is not None and (value <= minimum if open_minimum else value < minimum):
+            raise self._bad(key, value, f"a number{bound}")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):  # bool("false") would be True
+            raise self._bad(key, value, "true or false")
+        return value
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        """One token id or a list of them (eos_token_id)."""
+        value = self._get(key, ())
+        values = [] if value is None else value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise self._bad(key, value, "a token id (a whole number >= 0) or a list of them")
+        return tuple(values)
+
+
+def _json_kind(value: Any) -> str:
+    names = {list: "a list", str: "a string", bool: "true/false", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 # config.json keys read above

@@ -66,7 +66,7 @@ NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 def default_cache_dir() -> Path:
     """`$LLAMA_CACHE/smollm2-135m-instruct`, else `~/.cache/llamaref/smollm2-135m-instruct`."""
     root = os.environ.get("LLAMA_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "llamaref") / DEMO_MODEL_NAME
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "llamaref") / DEMO_MODEL_NAME
 
 
 def find_smollm2_gguf() -> Path:
@@ -95,19 +95,42 @@ def ensure_demo_model(cache_dir: Path | None = None, progress: bool = True) -> P
 
     `cache_dir` is the folder itself (default: `default_cache_dir()`). A finished folder is returned at
     once. The conversion writes into a temporary sibling and renames it into place, so an interrupted
-    run never leaves a half-written folder behind.
+    run never leaves a half-written folder behind; a folder that holds only some of the five files (left by
+    hand, or by an older version) is converted again. A folder that holds anything else is left alone: an error.
     """
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    from_environment = cache_dir is None and bool(os.environ.get("LLAMA_CACHE"))
+    origin = " (from $LLAMA_CACHE)" if from_environment else ""
+    elsewhere = "pick another folder" if cache_dir is not None else "set LLAMA_CACHE to another folder"
     if all((folder / name).is_file() for name in FOLDER_FILES):
         return folder
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise FileExistsError(f"{folder} exists but is not a converted demo model; remove it or pick another")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder}{origin}: is a file, where the demo model's folder should be; remove it "
+                              f"or {elsewhere}")
+    if folder.is_dir():
+        foreign = sorted(path.name for path in folder.iterdir() if path.name not in FOLDER_FILES)
+        if foreign:
+            raise FileExistsError(f"{folder}{origin}: exists and holds files that are not the demo model's "
+                                  f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); remove it "
+                                  f"or {elsewhere}")
+        if any(folder.iterdir()):
+            print(f"{folder}: the demo model's folder is incomplete; converting it again", file=sys.stderr)
+            for name in FOLDER_FILES:  # (os.replace below then puts the new folder in the empty one's place)
+                (folder / name).unlink(missing_ok=True)
 
     gguf_path = find_smollm2_gguf()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
-        convert_gguf(gguf_path, staging, progress=progress)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    except OSError as e:
+        raise type(e)(f"{folder.parent}{origin}: cannot create the demo model's folder there "
+                      f"({e.strerror or e}); {elsewhere}") from e
+    try:
+        try:
+            convert_gguf(gguf_path, staging, progress=progress)
+        except ImportError as e:
+            raise FileNotFoundError(f"converting the demo model needs the package {e.name!r}, which is not "
+                                    f"installed. Install it with: {INSTALL_HINT}") from e
         try:
             # rename is atomic, and replaces an empty directory (a fresh tmp dir, say) on POSIX
             os.replace(staging, folder)

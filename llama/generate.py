@@ -7,12 +7,13 @@ The sampling rules are small pure functions on logits [B, V], applied in the ord
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llama.arguments import check_all
 from llama.model import Transformer
 
 
@@ -32,16 +33,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def validate(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """A ValueError naming the first field out of its range (the ranges, shared with the command line's flags,
+        are in llama/arguments.py)."""
+        check_all(asdict(self))
 
 
 # ---------------------------------------------------------------------------- sampling rules
@@ -143,12 +137,13 @@ def picks_in_step(params: SamplingParams, seen: Tensor | None) -> bool:
 # ---------------------------------------------------------------------------- the loop
 def decode_step(model: Transformer, token: Tensor, position: Tensor, in_step: bool = False,
                 race: Tensor | None = None, temperature: Tensor | None = None, top_k: Tensor | int | None = None,
-                kth: Callable[[Tensor, Tensor | int], Tensor] = kth_largest) -> Tensor:
+                kth: Callable[[Tensor, Tensor | int], Tensor] = kth_largest, span: int | None = None) -> Tensor:
     """One token per row: token [B, 1] at position [B, 1] -> logits [B, V], or with `in_step` the next token [B]
-    chosen by `pick`. The unit `compile=True` compiles into one CUDA graph (api.CompiledDecodeStep): the choice is
-    then inside the graph, next to the logits; eagerly, the sampler's softmax, top-k and argmax over 128,256
-    logits took ~0.2 ms per token on an H100."""
-    logits = model(token, input_pos=position)[:, -1]
+    chosen by `pick`; the step reads the first `span` cache slots (`Transformer.forward`). The unit
+    `compile=True` compiles into one CUDA graph (api.CompiledDecodeStep): the choice is then inside the graph,
+    next to the logits; eagerly, the sampler's softmax, top-k and argmax over 128,256 logits took ~0.2 ms per
+    token on an H100."""
+    logits = model(token, input_pos=position, span=span)[:, -1]
     return pick(logits, race, temperature, top_k, kth) if in_step else logits
 
 
@@ -166,12 +161,14 @@ def generate_tokens(
     Prompts of different lengths share one batch: they are right-padded for the prefill (a padded position never
     influences earlier ones under causal attention) and each row then decodes from its own position, so every
     row equals generating its prompt alone. The KV cache must already hold max(len) + max_new_tokens positions.
-    Nothing here waits for the GPU: whether to stop is the caller's decision.
+    Nothing here waits for the GPU: whether to stop is the caller's decision. Each decode step is told how many
+    cache slots are in use (`span`), counted here on the host, so that it reads those and not the whole cache.
     """
     device = model.embed_tokens.weight.device
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-    tokens = torch.zeros(B, max(len(p) for p in prompts), dtype=torch.long)
+    longest = max(len(p) for p in prompts)
+    tokens = torch.zeros(B, longest, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     tokens = tokens.to(device)  # [B, T]
@@ -193,12 +190,13 @@ def generate_tokens(
         yield next_token
         if step == max_new_tokens - 1:
             return
+        span = longest + step + 1  # slots in use once this step has written its token (at lengths + step)
         if in_step:
             race = None if temperature is None else exponential_race((B, logits.shape[-1]), device, generator)
             # (a CUDA graph's output is overwritten by its next replay: keep a copy of the tokens)
             next_token = decode(model, next_token[:, None], position[:, None], True, race, temperature,
-                                params.top_k).clone()
+                                params.top_k, span=span).clone()
         else:
-            logits = decode(model, next_token[:, None], position[:, None])  # [B, V]
+            logits = decode(model, next_token[:, None], position[:, None], span=span)  # [B, V]
             next_token = sample(logits.float(), params, seen, generator)
         position += 1

@@ -6,6 +6,7 @@ Everything goes through huggingface_hub's own cache (HF_HOME / HF_HUB_CACHE), it
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 # What the engine reads: configs, safetensors (+ index), tokenizer files. Meta's original/ only on request.
@@ -20,9 +21,17 @@ class HubError(RuntimeError):
     """A download that cannot happen, explained in one paragraph (gated repo, no credentials, no network)."""
 
 
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")  # organisation/name, as the Hub allows them
+
+
 def download(repo_id: str, local_dir: str | Path | None = None, original: bool = False,
              revision: str | None = None, local_files_only: bool = False) -> Path:
     """Download (or find in the cache) what the engine needs from `repo_id`; return the folder."""
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise ValueError(f"{repo_id!r} is not a hub repo id: expected organisation/name (letters, digits, "
+                         f"'-', '_' and '.'), e.g. meta-llama/Llama-3.2-1B-Instruct")
+    if local_dir is not None and Path(local_dir).exists() and not Path(local_dir).is_dir():
+        raise ValueError(f"local_dir {local_dir}: exists and is not a folder")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -63,13 +72,17 @@ def download(repo_id: str, local_dir: str | Path | None = None, original: bool =
     return Path(folder)
 
 
-def resolve_model(model: str | Path) -> Path:
-    """A local folder as it is; otherwise a hub repo id, found in the cache first, downloaded if absent."""
+def resolve_model(model: str | Path, name: str = "--model") -> Path:
+    """A local folder as it is; otherwise a hub repo id, found in the cache first, downloaded if absent. `name` is
+    the argument as the messages call it (`--model` on the command line, `source` in `Llama.from_pretrained`)."""
     path = Path(model).expanduser()
-    if path.exists():
+    if path.is_dir():
         return path
-    if str(model).count("/") != 1 or str(model).startswith((".", "/", "~")):
-        raise HubError(f"--model {model}: no such folder, and not a hub repo id of the form organisation/name")
+    if path.exists():
+        hint = f"; the folder that holds it is {path.parent}" if path.suffix in (".json", ".safetensors") else ""
+        raise ValueError(f"{name} {model}: is a file; give the checkpoint's folder{hint}")
+    if isinstance(model, Path) or not REPO_ID.fullmatch(model) or model.startswith((".", "~")):
+        raise ValueError(f"{name} {model}: no such folder, and not a hub repo id of the form organisation/name")
     try:
         return download(str(model), local_files_only=True)
     except HubError:

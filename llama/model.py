@@ -5,8 +5,9 @@
                out = h + SwiGLU(RMSNorm(h))
 
 Shape legend (used in every comment below):
-    B batch, T tokens in this call, S cache length (max_seq_len), C model width (dim), F SwiGLU width,
-    H query heads, K key/value heads, G = H / K queries per kv head, D head dim, V vocab.
+    B batch, T tokens in this call, S cache length (max_seq_len), L cache slots a decode step reads (L <= S),
+    C model width (dim), F SwiGLU width, H query heads, K key/value heads, G = H / K queries per kv head,
+    D head dim, V vocab.
 
 Nothing here loads files, samples tokens or parses arguments: see weights.py, generate.py, cli.py.
 """
@@ -181,6 +182,20 @@ class KVCache(nn.Module):
         return self.k[:B], self.v[:B]
 
 
+# ---------------------------------------------------------------------------- Linear
+class Linear(nn.Linear):
+    """y = x W^T + b, W: [out, in]. nn.Linear, but for one row compiled for a CPU the product is written as the
+    sum over the input features: Inductor turns that into one vectorised loop that streams W from memory at
+    ~26 GB/s on this project's 2-core machine, where torch's matmul (MKL) reads W at ~11 GB/s for one row
+    (docs/benchmarks.md, CPU). A decode step reads every weight once, so this sets the CPU's decode speed."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+            y = (x.unsqueeze(-2) * self.weight).sum(-1)  # [..., 1, in] * [out, in] -> [..., out]
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
 # ---------------------------------------------------------------------------- Attention
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """PyTorch's fused kernel. Grouped-query attention without copying K/V to every query head
@@ -219,9 +234,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
         # The q, k and v projections stacked into one [(H + 2K) * D, C] matrix: one matmul instead of three,
         # which matters when decoding one token (the loader fills the three row blocks from q/k/v_proj).
-        self.qkv_proj = nn.Linear(C, (H + 2 * K) * D, bias=bias)
+        self.qkv_proj = Linear(C, (H + 2 * K) * D, bias=bias)
         self.qkv_sizes = [H * D, K * D, K * D]
-        self.o_proj = nn.Linear(H * D, C, bias=bias)
+        self.o_proj = Linear(H * D, C, bias=bias)
         self.cache: KVCache | None = None
         self.implementation = "sdpa"
         self.decode_kernel = None  # the compiled GPU path: kernels.decode_attention (RoPE, cache write and SDPA)
@@ -246,9 +261,11 @@ class Attention(nn.Module):
                 self.cache.update(input_pos, k, v)
             out = attend(q, k, v, None)  # [B, H, T, D]
         else:
-            # A decode step: the new token of row b (at input_pos[b]) sees the cache slots that `mask` allows.
+            # A decode step: the new token of row b (at input_pos[b]) sees the cache slots that `mask` allows. The
+            # mask covers the first L slots only, those in use; the slots beyond are not read at all.
             k_all, v_all = self.cache.update(input_pos, k, v)  # [B, K, S, D]
-            out = attend(q, k_all, v_all, mask)  # [B, H, T, D]
+            L = mask.shape[-1]
+            out = attend(q, k_all[:, :, :L], v_all[:, :, :L], mask)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -267,8 +284,8 @@ class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         C, F_, bias = config.dim, config.ffn_dim, config.mlp_bias
-        self.gate_up_proj = nn.Linear(C, 2 * F_, bias=bias)
-        self.down_proj = nn.Linear(F_, C, bias=bias)
+        self.gate_up_proj = Linear(C, 2 * F_, bias=bias)
+        self.down_proj = Linear(F_, C, bias=bias)
         self.silu_mul = silu_mul  # the compiled GPU path swaps in kernels.silu_mul: same function, own kernel
 
     def forward(self, x: Tensor) -> Tensor:
@@ -299,7 +316,7 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -307,7 +324,8 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, logits_at: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, logits_at: Tensor | None = None,
+                span: int | None = None) -> Tensor:
         """tokens: [B, T] -> logits [B, T, V] (or [B, V] with `logits_at`).
 
         input_pos: None for one full causal forward without a cache. With a cache (`setup_cache`), the positions
@@ -316,6 +334,9 @@ class Transformer(nn.Module):
           in which each row may sit at its own position.
         logits_at: [B] index into T per row: compute the output projection only there (a prefill needs the
           logits of each prompt's last token, not a [B, T, V] tensor).
+        span: a decode step reads only the first `span` cache slots (at least max(input_pos) + 1), so that its
+          cost follows the positions in use rather than the cache allocated; a plain int, known on the host (the
+          generation loop counts it), so reading it costs no device synchronisation. None: all S slots.
         """
         B, T = tokens.shape
         if input_pos is None:
@@ -326,8 +347,9 @@ class Transformer(nn.Module):
         mask = None
         cache = self.layers[0].attention.cache
         if cache is not None and T == 1:  # a decode step: row b sees cache slots 0..input_pos[b], in every layer
-            slots = torch.arange(cache.k.shape[2], device=tokens.device)
-            mask = (slots <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, 1, S]
+            S = cache.k.shape[2]
+            slots = torch.arange(S if span is None else min(span, S), device=tokens.device)  # [L]
+            mask = (slots <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, 1, L]
         x = self.embed_tokens(tokens)  # [B, T, C]
         cos, sin = self.rope(positions, x.dtype)  # [B, T, D] each
         for layer in self.layers:

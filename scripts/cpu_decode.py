@@ -4,6 +4,9 @@
     python scripts/cpu_decode.py --quantize int8 --compile
     python scripts/cpu_decode.py --quantize int4 --group-size 32 --compile
 
+    python scripts/cpu_decode.py --profile [--compile]   # where a decode step's time goes (torch.profiler)
+    python scripts/cpu_decode.py --side-by-side          # eager, compile=True, the whole step as one graph
+
 Prints prefill and decode tok/s of 128 new tokens (after a 32-token warm-up, which also compiles); compare with
 `../shared/tools/llama-cpp-anchor.sh bench` run just before or after, with nothing else using the CPUs.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -20,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama.api import Llama  # noqa: E402
 from llama.demo_model import ensure_demo_model  # noqa: E402
+from llama.generate import decode_step  # noqa: E402
 
 
 def main() -> None:
@@ -29,8 +34,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--profile", action="store_true", help="profile 20 decode steps instead")
+    parser.add_argument("--side-by-side", type=int, metavar="REPEATS",
+                        help="time eager, compile=True and the whole step compiled as one graph, alternating")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.side_by_side:
+        side_by_side(args.quantize, args.group_size, args.side_by_side)
+        return
     llm = Llama.from_pretrained(ensure_demo_model(), device="cpu", progress=False, quantize=args.quantize,
                                 group_size=args.group_size, compile=args.compile, max_seq_len=512)
     llm.eos_token_ids = []  # decode the full length
@@ -38,9 +49,66 @@ def main() -> None:
     start = time.perf_counter()
     llm.generate(prompt, max_new_tokens=32)
     print(f"warm-up {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if args.profile:
+        profile_decode(llm, steps=20)
+        return
     for _ in range(2):
         llm.generate(prompt, max_new_tokens=args.new_tokens)
         print(f"{args.quantize or 'float32'}{' compiled' if args.compile else ''}: {llm.stats.summary()}")
+
+
+def side_by_side(quantize: str | None, group_size: int | None, repeats: int, steps: int = 30) -> None:
+    """Decode ms per token of three decode steps, each on its own copy of the model, run in turn `repeats` times
+    (a slow spell of a shared machine then slows all three; the best run of each counts): eager, `compile=True`
+    (the layers and output projection compiled for one token), and `decode_step` compiled as one graph (one
+    guard check a step instead of 31, but ~37 s of compilation on an empty Inductor cache)."""
+    steps_of = {}
+    for name in ("eager", "compile=True", "one graph"):
+        start = time.perf_counter()
+        llm = Llama.from_pretrained(ensure_demo_model(), device="cpu", progress=False, quantize=quantize,
+                                    group_size=group_size, compile=name == "compile=True", max_seq_len=512)
+        step = torch.compile(decode_step, fullgraph=True) if name == "one graph" else llm._decode_step
+        llm._ensure_cache(1, 40 + steps)
+        with torch.inference_mode():
+            llm.model(torch.arange(1, 41)[None], input_pos=torch.arange(40), logits_at=torch.tensor([39]))
+
+        def run(llm=llm, step=step) -> float:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for position in range(40, 40 + steps):  # (one graph: a fixed span, so that it compiles once)
+                    span = 256 if step is not llm._decode_step else position + 1
+                    step(llm.model, torch.tensor([[42]]), torch.tensor([[position]]), True, span=span)
+            return (time.perf_counter() - start) / steps
+
+        run()
+        steps_of[name] = run
+        print(f"{name}: loaded, compiled and warmed up in {time.perf_counter() - start:.1f} s", flush=True)
+    best = dict.fromkeys(steps_of, float("inf"))
+    for _ in range(repeats):
+        for name, run in steps_of.items():
+            best[name] = min(best[name], run())
+    print(f"best of {repeats}, {steps} steps each: " + ", ".join(
+        f"{name} {ms * 1e3:.2f} ms = {1 / ms:.1f} tok/s" for name, ms in best.items()))
+
+
+def profile_decode(llm: Llama, steps: int) -> None:
+    """The time of each kind of top-level operation of a decode step (greedy, one row, 40 tokens in the cache),
+    under torch.profiler (which slows the many small operations a little), and the number of operations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm.generate(list(range(1, 40)), max_new_tokens=steps)  # allocates the cache and compiles
+    token, model = torch.tensor([[42]]), llm.model
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for position in range(40, 40 + steps):
+            llm._decode_step(model, token, torch.tensor([[position]]), True, span=position + 1)
+    top = [e for e in prof.events() if e.cpu_parent is None]  # (compiled code: one event per compiled region)
+    calls, micros = Counter(e.name for e in top), Counter()
+    for e in top:
+        micros[e.name] += e.cpu_time_total
+    print(f"threads {torch.get_num_threads()}; {len(top) / steps:.0f} top-level operations per step, "
+          f"{sum(micros.values()) / steps / 1e3:.2f} ms per step in them")
+    for name, total in micros.most_common(12):
+        print(f"  {total / steps / 1e3:6.2f} ms  {calls[name] / steps:4.0f} x  {name[:90]}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,72 @@ def test_rows_at_different_positions_decode_independently(checkpoint):
         assert relative_error(step[row, 0], alone[-1]) < 1e-5
 
 
+def ragged_decode_logits(model, lengths: list[int], steps: int, cache_len: int, span: bool,
+                         never_used: float = 0.0) -> torch.Tensor:
+    """Prefill right-padded prompts of `lengths`, then decode `steps` tokens per row, each row at its own
+    position; the logits of every decode step [steps, B, V]. With `span`, each step is told the slots in use
+    (as the generation loop tells it), else it reads the whole cache. The cache slots that no step uses
+    (from max(lengths) + steps on) hold `never_used`."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 320, (len(lengths), max(lengths) + steps))
+    model.setup_cache(max_batch_size=len(lengths), max_seq_len=cache_len)
+    for layer in model.layers:
+        layer.attention.cache.k[:, :, max(lengths) + steps:] = never_used
+        layer.attention.cache.v[:, :, max(lengths) + steps:] = never_used
+    position = torch.tensor(lengths)[:, None]  # [B, 1]
+    with torch.no_grad():
+        model(tokens[:, :max(lengths)], input_pos=torch.arange(max(lengths)))
+        logits = []
+        for step in range(steps):
+            token = tokens.gather(1, position)  # [B, 1]
+            in_use = max(lengths) + step + 1
+            logits.append(model(token, input_pos=position, span=in_use if span else None)[:, -1].float())
+            position = position + 1
+    model.clear_cache()
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "reference"])
+def test_decode_with_a_long_cache_equals_a_cache_of_the_needed_length(checkpoint, attention):
+    """Rows at different positions, a cache 40x longer than needed, read up to the slots in use only: the same
+    logits as a cache of exactly the needed length read whole."""
+    llm = llama.Llama.from_pretrained(checkpoint[0], device="cpu", progress=False)
+    llm.model.set_attention(attention)
+    lengths, steps = [5, 17, 11], 8
+    needed = ragged_decode_logits(llm.model, lengths, steps, cache_len=max(lengths) + steps, span=False)
+    long = ragged_decode_logits(llm.model, lengths, steps, cache_len=1000, span=True)
+    # float32; the masked slots add exact zeros, so only the order of the sums can differ
+    assert relative_error(long, needed) < 1e-6
+
+
+@pytest.mark.parametrize("lengths", [[5, 17, 11], [9]], ids=["ragged batch", "one row"])
+def test_compiled_cpu_decode_with_a_long_cache_equals_eager_with_the_needed_length(checkpoint, lengths):
+    """compile=True on a CPU: the decode step calls its layers and output projection compiled for one token, each
+    reading the slots in use of a long cache; the logits of eager steps over a cache of the needed length. (One
+    row: the one-row products are compiled as sums, `model.Linear`.)"""
+    eager = llama.Llama.from_pretrained(checkpoint[0], device="cpu", progress=False)
+    compiled = llama.Llama.from_pretrained(checkpoint[0], device="cpu", progress=False, compile=True)
+    steps = 8
+    needed = ragged_decode_logits(eager.model, lengths, steps, cache_len=max(lengths) + steps, span=False)
+    long = ragged_decode_logits(compiled.model, lengths, steps, cache_len=1000, span=True)
+    # float32; compiled, a one-row product sums in another order than torch's matmul (model.Linear)
+    assert relative_error(long, needed) < 1e-5
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "reference"])
+def test_decode_reads_no_cache_slot_past_the_span(checkpoint, attention):
+    """The slots past every step's span hold NaN, which a step that read them would turn into NaN logits
+    (0 * NaN = NaN under the mask); the logits are those of a clean cache, bit for bit."""
+    llm = llama.Llama.from_pretrained(checkpoint[0], device="cpu", progress=False)
+    llm.model.set_attention(attention)
+    lengths, steps = [5, 17, 11], 8
+    clean = ragged_decode_logits(llm.model, lengths, steps, cache_len=64, span=True)
+    poisoned = ragged_decode_logits(llm.model, lengths, steps, cache_len=64, span=True, never_used=float("nan"))
+    assert torch.equal(poisoned, clean)
+    assert ragged_decode_logits(llm.model, lengths, steps, cache_len=64, span=False,
+                                never_used=float("nan")).isnan().all()  # (reading the whole cache does)
+
+
 def test_greedy_batch_equals_transformers_generate_per_prompt(checkpoint):
     folder, reference = checkpoint
     llm = llama.Llama.from_pretrained(folder, device="cpu", progress=False)
@@ -69,6 +135,17 @@ def test_greedy_batch_equals_transformers_generate_per_prompt(checkpoint):
         else:
             assert result.finish_reason == "length"
         assert result.token_ids == expected
+
+
+def test_the_cache_grows_in_powers_of_two_up_to_max_seq_len(checkpoint):
+    """Calls that need more positions than the cache holds (a chat's growing history) reallocate it rounded up to
+    a power of two (at least 256), never beyond max_seq_len; calls that fit keep it."""
+    llm = llama.Llama.from_pretrained(checkpoint[0], device="cpu", max_seq_len=1000, progress=False)
+    allocated = []
+    for prompt_len, new_tokens in [(10, 20), (200, 100), (100, 20), (600, 10), (900, 50)]:
+        llm.generate([[3 + t % 300 for t in range(prompt_len)]], max_new_tokens=new_tokens, stop_token_ids=[])
+        allocated.append(llm.model.layers[0].attention.cache.k.shape[2])
+    assert allocated == [256, 512, 512, 1000, 1000]
 
 
 def test_prompt_longer_than_context_is_a_clear_error(checkpoint):
