@@ -40,3 +40,20 @@ def test_bench_runs_split_over_two_ranks(tmp_path):
     assert "x 2, torch" in result.stdout  # printed once, by rank 0
     table = [line for line in result.stdout.splitlines() if line.startswith("| batch")]
     assert len(table) == 2 and "nan |" not in "".join(line.split("nanx")[0] for line in table)
+
+
+def test_decode_length_decodes_the_same_tokens_with_a_short_and_a_long_cache(smollm2_dir, tmp_path):
+    """scripts/decode_length.py on the demo model: the answer is the same whatever cache was allocated (a step
+    reads the slots in use, whose contents do not depend on the cache's length); the speeds are not asserted."""
+    import os
+
+    from llama.demo_model import DEMO_MODEL_NAME
+
+    (tmp_path / DEMO_MODEL_NAME).symlink_to(smollm2_dir)  # the script loads the demo model from $LLAMA_CACHE
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "decode_length.py"), "--max-new-tokens", "20,600",
+         "--answer-tokens", "6", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, LLAMA_CACHE=str(tmp_path)),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(the same tokens)" in result.stdout and "cache of 256 positions" in result.stdout
