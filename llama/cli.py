@@ -370,12 +370,32 @@ def _load(args: argparse.Namespace, quantize: bool = True):
     if compile is None:  # on a CPU compiling costs seconds and triples decoding speed; on a GPU it costs minutes
         device, _ = default_device_and_dtype(args.device, args.dtype, as_flag=True)
         compile = device.type == "cpu" and args.command in ("generate", "chat") and _environment_rank() == 0 \
-            and int(os.environ.get("WORLD_SIZE", "1")) == 1
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1 and _cpp_compiler() is not None
     print(f"loading {folder}" + (f" ({args.quantize})" if args.quantize and quantize else "")
           + (" and compiling its decode step (--no-compile to skip)" if compile else ""), file=sys.stderr)
-    return Llama.from_pretrained(folder, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                                 compile=compile, quantize=args.quantize if quantize else None,
-                                 group_size=args.group_size if quantize else None)
+
+    def load(compile: bool) -> Llama:
+        return Llama.from_pretrained(folder, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                                     compile=compile, quantize=args.quantize if quantize else None,
+                                     group_size=args.group_size if quantize else None)
+
+    if not compile or args.compile:  # (compiling asked for: its failure is the command's)
+        return load(compile)
+    try:
+        return load(True)
+    except (ValueError, OSError, MemoryError):  # bad input: the same error without compiling
+        raise
+    except Exception as e:  # the default's compilation failed (a broken toolchain): decode eagerly instead
+        print(f"llama: warning: compiling the decode step failed ({type(e).__name__}: {_one_line(e)[:200]}); "
+              f"decoding eagerly (--no-compile skips the attempt)", file=sys.stderr)
+        return load(False)
+
+
+def _cpp_compiler() -> str | None:
+    """The C++ compiler that torch.compile needs on a CPU (Inductor builds its kernels with it), if there is one."""
+    import shutil
+
+    return next(filter(None, map(shutil.which, (os.environ.get("CXX", "g++"), "c++", "clang++"))), None)
 
 
 def _options(args: argparse.Namespace, default_temperature: float, max_seq_len: int | None = None) -> dict:

@@ -44,6 +44,15 @@ def test_generate_prints_the_greedy_continuation_and_speed(smollm2_dir):
     assert "tok/s" in result.stderr and "compiling its decode step" in result.stderr
 
 
+def test_without_a_cpp_compiler_the_cpu_default_decodes_eagerly(smollm2_dir):
+    """torch.compile on a CPU needs a C++ compiler: a machine without one still runs the default command."""
+    result = run("generate", "--model", str(smollm2_dir), "--prompt", "The capital of France is",
+                 "--max-new-tokens", "2", "--device", "cpu",
+                 env={"PATH": os.path.dirname(sys.executable), "CXX": "no-such-compiler"})
+    assert result.returncode == 0, result.stderr
+    assert "compiling" not in result.stderr and result.stdout.strip()
+
+
 def test_generate_runs_a_prompts_file_as_a_batch(smollm2_dir, tmp_path):
     (tmp_path / "prompts.txt").write_text("The capital of France is\n1, 2, 3,\n")
     result = run("generate", "--model", str(smollm2_dir), "--prompts-file", str(tmp_path / "prompts.txt"),
