@@ -29,14 +29,20 @@ SHORTEST_CACHE = 256  # positions: the KV cache is allocated in powers of two fr
 
 @dataclass
 class GenerationStats:
+    """What the last call did. The decode rate counts every token the decode steps produced, those decoded past a
+    stop and dropped included (up to two blocks of steps, see `_run`): it is the speed of decoding, which the
+    tokens kept would understate for a short answer."""
+
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
-    new_tokens: int = 0
+    new_tokens: int = 0  # kept, over all rows
     decode_seconds: float = 0.0
+    decode_steps: int = 0  # decode forward passes after the prefill, each producing a token for every row
+    rows: int = 1
 
     def summary(self) -> str:
         prefill = self.prompt_tokens / max(self.prefill_seconds, 1e-9)
-        decode = max(self.new_tokens - 1, 0) / max(self.decode_seconds, 1e-9)
+        decode = self.decode_steps * self.rows / max(self.decode_seconds, 1e-9)
         return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s ({prefill:.1f} tok/s); "
                 f"decode: {self.new_tokens} tokens in {self.decode_seconds:.2f} s ({decode:.1f} tok/s)")
 
@@ -372,7 +378,8 @@ class Llama:
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
 
-        self.stats = GenerationStats(prompt_tokens=sum(map(len, ids)))
+        self.stats = GenerationStats(prompt_tokens=sum(map(len, ids)), rows=len(ids))
+        step = 0
         start = time.perf_counter()
         pending: list[Tensor] = []
         copies: deque[Callable[[], list[list[int]]]] = deque()  # blocks of tokens on their way to the host
@@ -403,6 +410,7 @@ class Llama:
         finally:  # also when the caller stops early (closes the stream, Ctrl-C): count the tokens it was given
             steps.close()
             self.stats.new_tokens = sum(len(row.token_ids) for row in rows)
+            self.stats.decode_steps = step  # (the token of step 0 came from the prefill)
             self.stats.decode_seconds = time.perf_counter() - start - self.stats.prefill_seconds
 
     def _encode(self, prompt: Prompt, index: int) -> list[int]:

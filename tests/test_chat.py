@@ -114,6 +114,19 @@ def test_closing_a_stream_early_counts_the_tokens_it_yielded(llm):
     assert stats.new_tokens == 5 and stats.decode_seconds > 0
 
 
+def test_the_decode_rate_counts_every_step_decoded_in_every_row(llm):
+    """A batch of 2 rows, 6 new tokens each with end-of-sequence ignored: 5 decode steps after the prefill's token,
+    each producing a token per row, so the rate is 2 * 5 / decode_seconds."""
+    eos, llm.eos_token_ids = llm.eos_token_ids, []
+    try:
+        llm.generate(["Hello", "The sea is"], max_new_tokens=6)
+    finally:
+        llm.eos_token_ids = eos
+    stats = llm.stats
+    assert (stats.new_tokens, stats.decode_steps, stats.rows) == (12, 5, 2)
+    assert f"({2 * 5 / stats.decode_seconds:.1f} tok/s)" in stats.summary()
+
+
 # ---------------------------------------------------------------------------- piped stdin
 PIPED = ["Hi, my name is Ana.", "/help", "/nonsense", "What is my name?", "/reset", "What is my name?",
          "//help me", "/system Answer in French.", "Hello", "/exit", "Never answered."]
