@@ -27,6 +27,12 @@ SYNC_EVERY = 8  # without streaming or stop strings, look at the generated token
 SHORTEST_CACHE = 256  # positions: the KV cache is allocated in powers of two from here (`Llama._ensure_cache`)
 
 
+def power_of_two_positions(length: int, limit: int) -> int:
+    """`length` rounded up to a power of two of at least SHORTEST_CACHE, capped at `limit`: the cache's length, and
+    the span a compiled GPU step reads, so that one allocation or graph serves many lengths."""
+    return min(limit, 1 << (max(length, SHORTEST_CACHE) - 1).bit_length())
+
+
 @dataclass
 class GenerationStats:
     """What the last call did. The decode rate counts every token the decode steps produced, those decoded past a
@@ -128,7 +134,7 @@ class CompiledDecodeStep:
         if attention.decode_kernel is not None:
             span = None  # the kernel reads up to each row's position, whatever the span
         elif span is not None:
-            span = min(max(256, 1 << (span - 1).bit_length()), attention.cache.k.shape[2])
+            span = power_of_two_positions(span, attention.cache.k.shape[2])
         if not in_step:
             return self.step(model, token, position, in_step, race, temperature, top_k, span=span)
         from llama.kernels import kth_largest  # (needs Triton, so only here)
@@ -434,8 +440,8 @@ class Llama:
         batch = max(batch, self.max_batch_size or 0, self._cache_shape[0] if self._cache_shape else 0)
         # A decode step reads the slots in use, not the whole cache: a longer cache costs memory, not time. In
         # powers of two, a chat whose history grows reallocates it (and compiles for it) a few times, not each turn.
-        length = max(length, SHORTEST_CACHE, self._cache_shape[1] if self._cache_shape else 0)
-        length = min(self.max_seq_len, 1 << (length - 1).bit_length())
+        length = power_of_two_positions(max(length, self._cache_shape[1] if self._cache_shape else 0),
+                                        self.max_seq_len)
         self._release_cache()
         try:
             self.model.setup_cache(batch, length)

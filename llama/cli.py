@@ -369,7 +369,7 @@ def _load(args: argparse.Namespace, quantize: bool = True):
     compile = args.compile
     if compile is None:  # on a CPU compiling costs seconds and triples decoding speed; on a GPU it costs minutes
         device, _ = default_device_and_dtype(args.device, args.dtype, as_flag=True)
-        compile = device.type == "cpu" and args.command in ("generate", "chat") and _environment_rank() == 0 \
+        compile = device.type == "cpu" and args.command in ("generate", "chat") \
             and int(os.environ.get("WORLD_SIZE", "1")) == 1 and _cpp_compiler() is not None
     print(f"loading {folder}" + (f" ({args.quantize})" if args.quantize and quantize else "")
           + (" and compiling its decode step (--no-compile to skip)" if compile else ""), file=sys.stderr)
