@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +13,16 @@ from torch import Tensor
 
 from llama.arguments import DEVICE_TYPES, ArgumentError, check, check_device_name, check_stop, spelled
 from llama.config import ConfigError, ModelConfig, read_json
-from llama.generate import GenerationResult, SamplingParams, decode_step, generate_tokens
+from llama.generate import GenerationResult, SamplingParams, decode_step
 from llama.hub import resolve_model
 from llama.model import Transformer
 from llama.quant import QuantizationConfig
+from llama.scheduler import Output, Request, Scheduler
 from llama.tokenizer import Tokenizer, load_tokenizer
 from llama.tp import TensorParallel, shared_seed
 from llama.weights import CheckpointError, find_checkpoint, load_model
 
 Prompt = str | Sequence[int]
-SYNC_EVERY = 8  # without streaming or stop strings, look at the generated tokens in blocks of 8 steps
 SHORTEST_CACHE = 256  # positions: the KV cache is allocated in powers of two from here (`Llama._ensure_cache`)
 
 
@@ -36,19 +35,20 @@ def power_of_two_positions(length: int, limit: int) -> int:
 @dataclass
 class GenerationStats:
     """What the last call did. The decode rate counts every token the decode steps produced, those decoded past a
-    stop and dropped included (up to two blocks of steps, see `_run`): it is the speed of decoding, which the
-    tokens kept would understate for a short answer."""
+    stop and dropped included (on a GPU a finish is seen a step late, scheduler.py): it is the speed of decoding,
+    which the tokens kept would understate for a short answer."""
 
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     new_tokens: int = 0  # kept, over all rows
     decode_seconds: float = 0.0
-    decode_steps: int = 0  # decode forward passes after the prefill, each producing a token for every row
+    decode_steps: int = 0  # decode forward passes after the prefill
+    decoded_tokens: int = 0  # tokens those passes produced (rows still generating, summed over the steps)
     rows: int = 1
 
     def summary(self) -> str:
         prefill = self.prompt_tokens / max(self.prefill_seconds, 1e-9)
-        decode = self.decode_steps * self.rows / max(self.decode_seconds, 1e-9)
+        decode = self.decoded_tokens / max(self.decode_seconds, 1e-9)
         return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s ({prefill:.1f} tok/s); "
                 f"decode: {self.new_tokens} tokens in {self.decode_seconds:.2f} s ({decode:.1f} tok/s)")
 
@@ -125,8 +125,10 @@ class CompiledDecodeStep:
         self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
         self.constants: dict[tuple, Tensor] = {}
 
+    chooses_tokens = True  # on a GPU the scheduler lets the step choose the tokens (`generate.pick`)
+
     def __call__(self, model: Transformer, token: Tensor, position: Tensor, in_step: bool = False,
-                 race: Tensor | None = None, temperature: Tensor | None = None, top_k: int | None = None,
+                 race: Tensor | None = None, temperature: Tensor | None = None, top_k: Tensor | None = None,
                  span: int | None = None) -> Tensor:
         if not token.is_cuda:
             return decode_step(model, token, position, in_step, race, temperature, top_k, span=span)
@@ -142,9 +144,10 @@ class CompiledDecodeStep:
         B, V = token.shape[0], model.lm_head.out_features
         if race is None:  # greedy
             race = self._constant(("ones", B, V), lambda: torch.ones(B, V, device=token.device))
-            temperature = self._constant(("zero",), lambda: torch.zeros((), device=token.device))
-        k = self._constant(("k", B, top_k or V), lambda: torch.full((B,), top_k or V, device=token.device))
-        return self.step(model, token, position, True, race, temperature, k, kth_largest, span=span)
+            temperature = self._constant(("zero", B), lambda: torch.zeros(B, 1, device=token.device))
+        if top_k is None:
+            top_k = self._constant(("k", B, V), lambda: torch.full((B,), V, device=token.device))
+        return self.step(model, token, position, True, race, temperature, top_k, kth_largest, span=span)
 
     def _constant(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
         if key not in self.constants:
@@ -315,10 +318,10 @@ class Llama:
         batch = _as_batch(prompts)
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
         arguments = self._checked(max_new_tokens, params, seed, stop, stop_token_ids)
-        rows: list[_Row] = []
-        for rows, _ in self._run(batch, arguments[0], params, *arguments[1:], streaming=False):
+        outputs: list[Output] = []
+        for outputs, _ in self._run(batch, arguments[0], params, *arguments[1:], streaming=False):
             pass
-        return [row.result() for row in rows]
+        return [output.result() for output in outputs]
 
     def stream(
         self,
@@ -366,9 +369,10 @@ class Llama:
 
     def _run(self, prompts: list[Prompt], max_new_tokens: int, params: SamplingParams, seed: int | None,
              stop: Sequence[str] | None, stop_token_ids: Sequence[int] | None,
-             streaming: bool) -> Iterator[tuple[list[_Row], list[str]]]:
-        """The shared loop over arguments `_checked` has seen: encode, batch, decode; yields the rows and the new text
-        of each at every look."""
+             streaming: bool) -> Iterator[tuple[list[Output], list[str]]]:
+        """The shared loop over arguments `_checked` has seen: encode, then the scheduler's steps (scheduler.py)
+        until every prompt is done; yields the outputs and the new text of each at every step (at the end only
+        when not `streaming`)."""
         ids = [self._encode(p, i) for i, p in enumerate(prompts)]
         for i, prompt in enumerate(ids):
             if len(prompt) + max_new_tokens > self.max_seq_len:
@@ -377,46 +381,26 @@ class Llama:
                     f"{len(prompt) + max_new_tokens} positions, more than max_seq_len={self.max_seq_len}"
                 )
         self._ensure_cache(len(ids), max(map(len, ids)) + max_new_tokens)
-        stop_ids = set(stop_token_ids or ()) | set(self.eos_token_ids)
-        rows = [_Row(self.tokenizer, stop_ids, list(stop or ())) for _ in ids]
-        generator = None
-        seed = shared_seed(seed)  # under tensor parallelism every rank must draw the same tokens
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-
+        # One random stream for the call's rows (under tensor parallelism every rank must draw the same tokens)
+        scheduler = Scheduler(self.model, self._decode_step, self.tokenizer, self.eos_token_ids, shared_seed(seed))
+        jobs = [scheduler.submit(Request(prompt, max_new_tokens, params, stop=list(stop or ()),
+                                         stop_token_ids=list(stop_token_ids or ()))) for prompt in ids]
+        row = {job: index for index, job in enumerate(jobs)}
+        outputs = [job.output for job in jobs]
         self.stats = GenerationStats(prompt_tokens=sum(map(len, ids)), rows=len(ids))
-        step = 0
         start = time.perf_counter()
-        pending: list[Tensor] = []
-        copies: deque[Callable[[], list[list[int]]]] = deque()  # blocks of tokens on their way to the host
-        done = False
-        steps = _out_of_memory_explained(generate_tokens(self.model, ids, max_new_tokens, params, generator,
-                                                         self._decode_step), len(ids), max(map(len, ids)))
         try:
-            for step, token in enumerate(steps):
-                pending.append(token)
-                last = step == max_new_tokens - 1
-                if not (streaming or stop or step == 0 or last or len(pending) == SYNC_EVERY):
-                    continue
-                copies.append(_copy_to_host(torch.stack(pending, dim=1)))  # [B, steps]
-                pending = []
-                # Read the block before this one: the GPU is already past it and has this block's steps queued, so it
-                # never waits for the host (reading the newest block left it idle ~1.8 ms per read on an H100 while
-                # the next step was launched). The first token and the last block are read at once. A stop is thus
-                # seen up to two blocks after it happens; the steps decoded past it are dropped.
-                while copies and (len(copies) > 1 or step == 0 or last) and not done:
-                    block = copies.popleft()()  # the only host synchronisation
-                    if step == 0:
-                        self.stats.prefill_seconds = time.perf_counter() - start
-                    pieces = [row.push(tokens, final=last and not copies) for row, tokens in zip(rows, block)]
-                    yield rows, pieces
-                    done = all(row.finish_reason for row in rows)
-                if done:
-                    break
+            for updates in _out_of_memory_explained(scheduler.run(jobs), len(ids), max(map(len, ids))):
+                if not self.stats.prefill_seconds and any(job.received for job in jobs):
+                    self.stats.prefill_seconds = time.perf_counter() - start
+                if streaming or all(job.done for job in jobs):
+                    pieces = [""] * len(jobs)
+                    for update in updates:
+                        pieces[row[update.job]] += update.text
+                    yield outputs, pieces
         finally:  # also when the caller stops early (closes the stream, Ctrl-C): count the tokens it was given
-            steps.close()
-            self.stats.new_tokens = sum(len(row.token_ids) for row in rows)
-            self.stats.decode_steps = step  # (the token of step 0 came from the prefill)
+            self.stats.new_tokens = sum(len(output.token_ids) for output in outputs)
+            self.stats.decode_steps, self.stats.decoded_tokens = scheduler.decode_steps, scheduler.decoded_tokens
             self.stats.decode_seconds = time.perf_counter() - start - self.stats.prefill_seconds
 
     def _encode(self, prompt: Prompt, index: int) -> list[int]:
@@ -471,69 +455,7 @@ class Llama:
         return max(256, free // 2 // self._cache_bytes(self.max_batch_size or 1, 1))
 
 
-class _Row:
-    """One row's output: token ids, text, and why it stopped. Text is held back while it could still turn
-    out to be the beginning of a stop string."""
-
-    def __init__(self, tokenizer: Tokenizer | None, stop_ids: set[int], stop: list[str]):
-        self.tokenizer, self.stop_ids, self.stop = tokenizer, stop_ids, stop
-        self.decoder = tokenizer.stream_decoder() if tokenizer else None
-        self.token_ids: list[int] = []
-        self.text = ""  # decoded so far (cut at a stop string)
-        self.emitted = 0  # characters of text already yielded
-        self.finish_reason: str | None = None
-        self.cut = False  # the text was cut at a stop string
-
-    def push(self, tokens: list[int], final: bool) -> str:
-        """Take the next tokens of this row; return the text that can be shown now."""
-        for token in tokens:
-            if self.finish_reason:
-                break
-            if token in self.stop_ids:
-                self.finish_reason = "stop"
-                break
-            self.token_ids.append(token)
-            if self.decoder is not None:
-                self._add_text(self.decoder.push(token))
-        if not self.finish_reason and final:
-            self.finish_reason = "length"
-        if self.finish_reason and self.decoder is not None:
-            self._add_text(self.decoder.flush())  # bytes held back for an unfinished character
-        hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.stop), default=0)
-        piece = self.text[self.emitted: max(self.emitted, len(self.text) - hold)]
-        self.emitted += len(piece)
-        return piece
-
-    def _add_text(self, new: str) -> None:
-        if self.cut:
-            return
-        self.text += new
-        for s in self.stop:
-            index = self.text.find(s)
-            if index >= 0:  # cut before the stop string; tokens already taken stay in token_ids
-                self.text, self.finish_reason, self.cut = self.text[:index], "stop", True
-
-    def result(self) -> GenerationResult:
-        return GenerationResult(self.token_ids, self.text if self.tokenizer else None, self.finish_reason or "length")
-
-
-def _copy_to_host(block: Tensor) -> Callable[[], list[list[int]]]:
-    """Start copying a block of tokens to the host without waiting; the returned function waits, then lists them."""
-    if block.device.type != "cuda":
-        return block.tolist
-    host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
-    host.copy_(block, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-
-    def wait() -> list[list[int]]:
-        copied.synchronize()
-        return host.tolist()
-
-    return wait
-
-
-def _out_of_memory_explained(steps: Iterator[Tensor], batch: int, longest: int) -> Iterator[Tensor]:
+def _out_of_memory_explained(steps: Iterator[list], batch: int, longest: int) -> Iterator[list]:
     """The decode steps, with running out of device memory (a long prefill, say) explained in one line."""
     try:
         yield from steps

@@ -1,4 +1,5 @@
-"""Autoregressive generation: prefill the prompts, then one token per step from a static KV cache.
+"""The pieces of autoregressive generation: the decode step, and the choice of the next token (the loop that runs
+them is scheduler.py).
 
 The sampling rules are small pure functions on logits [B, V], applied in the order transformers applies them
 (repetition penalty, temperature, top-k, top-p, min-p), so each can be tested alone.
@@ -6,7 +7,7 @@ The sampling rules are small pure functions on logits [B, V], applied in the ord
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,9 +40,9 @@ class SamplingParams:
 
 
 # ---------------------------------------------------------------------------- sampling rules
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float | Tensor) -> Tensor:
     """CTRL's rule (as transformers): a token already in the sequence has its logit divided by `penalty` if
-    positive, multiplied if negative. seen: [B, V] bool."""
+    positive, multiplied if negative. seen: [B, V] bool; penalty a number or one per row [B, 1]."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
@@ -51,8 +52,9 @@ def apply_top_k(logits: Tensor, k: int) -> Tensor:
     return logits.masked_fill(logits < kth_largest(logits, k), float("-inf"))
 
 
-def apply_top_p(logits: Tensor, p: float) -> Tensor:
-    """Nucleus: keep the smallest set of most likely tokens whose probabilities sum to at least p."""
+def apply_top_p(logits: Tensor, p: float | Tensor) -> Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probabilities sum to at least p (a number, or
+    one per row [B, 1])."""
     sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     drop_sorted = cumulative <= 1 - p
@@ -61,30 +63,74 @@ def apply_top_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def apply_min_p(logits: Tensor, min_p: float) -> Tensor:
-    """Drop tokens less likely than min_p times the most likely token."""
+def apply_min_p(logits: Tensor, min_p: float | Tensor) -> Tensor:
+    """Drop tokens less likely than min_p times the most likely token (min_p a number, or one per row [B, 1])."""
     probs = logits.softmax(dim=-1)
     threshold = min_p * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def sample(logits: Tensor, params: SamplingParams, seen: Tensor | None, generator: torch.Generator | None) -> Tensor:
-    """logits [B, V] (float32) -> next tokens [B], without a host synchronisation."""
-    if params.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
-        return argmax(logits)
-    logits = logits / params.temperature
-    if params.top_k is not None:
-        logits = apply_top_k(logits, params.top_k)
-    if params.top_p < 1.0:
-        logits = apply_top_p(logits, params.top_p)
-    if params.min_p > 0.0:
-        logits = apply_min_p(logits, params.min_p)
+    """logits [B, V] (float32) -> next tokens [B], every row with the same parameters, without a host
+    synchronisation."""
+    race = exponential_race(logits.shape, logits.device, generator) if params.temperature > 0 else None
+    return sample_rows(logits, RowParams.of([params] * logits.shape[0], logits.device), seen, race)
+
+
+@dataclass
+class RowParams:
+    """Each row's sampling parameters, as tensors [B, 1]: the rows of a continuous batch are different requests.
+    A rule no row asks for is skipped (the flags are read on the host, so skipping costs no synchronisation)."""
+
+    temperature: Tensor  # [B, 1] float32; 0: greedy
+    top_k: Tensor  # [B, 1] long; rows without top-k hold the largest k asked for (and are not masked)
+    top_p: Tensor  # [B, 1] float32
+    min_p: Tensor  # [B, 1] float32
+    repetition_penalty: Tensor  # [B, 1] float32
+    largest_k: int | None  # the largest top-k of any row (None: no row has one)
+    uses: frozenset[str]  # the rules some row asks for: "sampling", "top_k", "top_p", "min_p", "penalty"
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], device: torch.device) -> RowParams:
+        ks = [p.top_k for p in params if p.top_k is not None]
+        largest_k = max(ks) if ks else None
+
+        def column(values: list, dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.tensor(values, dtype=dtype).view(-1, 1).to(device, non_blocking=True)
+
+        uses = {name for name, used in (("sampling", any(p.temperature > 0 for p in params)),
+                                        ("top_k", largest_k is not None),
+                                        ("top_p", any(p.top_p < 1 for p in params)),
+                                        ("min_p", any(p.min_p > 0 for p in params)),
+                                        ("penalty", any(p.repetition_penalty != 1 for p in params))) if used}
+        return cls(column([p.temperature for p in params]),
+                   column([p.top_k or -(largest_k or 0) for p in params], torch.long),
+                   column([p.top_p for p in params]), column([p.min_p for p in params]),
+                   column([p.repetition_penalty for p in params]), largest_k, frozenset(uses))
+
+
+def sample_rows(logits: Tensor, rows: RowParams, seen: Tensor | None, race: Tensor | None) -> Tensor:
+    """logits [B, V] (float32), each row with its own parameters -> next tokens [B]. `race` [B, V] holds the
+    random draws of the sampled rows (`exponential_race`; None when every row is greedy)."""
+    if "penalty" in rows.uses and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
+    greedy = argmax(logits)
+    if race is None or "sampling" not in rows.uses:
+        return greedy
+    sampled = rows.temperature > 0  # [B, 1]
+    logits = logits / torch.where(sampled, rows.temperature, 1.0)
+    if "top_k" in rows.uses:  # (a row without top-k holds -largest_k: kept whole)
+        kth = torch.topk(logits, min(rows.largest_k, logits.shape[-1]), dim=-1).values  # [B, k] descending
+        kth = kth.gather(-1, rows.top_k.abs().clamp(max=kth.shape[-1]) - 1)  # [B, 1]
+        logits = logits.masked_fill((logits < kth) & (rows.top_k > 0), float("-inf"))
+    if "top_p" in rows.uses:
+        logits = apply_top_p(logits, rows.top_p)
+    if "min_p" in rows.uses:
+        logits = apply_min_p(logits, rows.min_p)
     probs = logits.softmax(dim=-1)
     # argmax(p_i / E_i) with E_i ~ Exp(1) draws index i with probability p_i (the "exponential race"); unlike
     # torch.multinomial it needs no host synchronisation on a GPU.
-    return argmax(probs / exponential_race(probs.shape, probs.device, generator))
+    return torch.where(sampled[:, 0], argmax(probs / race), greedy)
 
 
 def exponential_race(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
@@ -112,26 +158,23 @@ def kth_largest(logits: Tensor, k: Tensor | int) -> Tensor:
 
 def pick(logits: Tensor, race: Tensor | None, temperature: Tensor | None, top_k: Tensor | int | None,
          kth: Callable[[Tensor, Tensor | int], Tensor] = kth_largest) -> Tensor:
-    """`sample` for the common cases, written to run inside the compiled decode step: greedy when `race` is None,
-    else temperature and top-k. logits [B, V] (model dtype), race [B, V] from `exponential_race`, temperature a
-    0-d tensor (a tensor, so that a new value does not recompile the step) -> next tokens [B].
+    """`sample_rows` for the common cases, written to run inside the compiled decode step: greedy when `race` is
+    None, else temperature and top-k. logits [B, V] (model dtype), race [B, V] from `exponential_race`,
+    temperature [B, 1] or 0-d, top_k [B] or a number (tensors, so that new values do not recompile the step)
+    -> next tokens [B].
 
-    The same draw as `sample` from the same race: softmax(l / T) restricted to the top k is p_i = e^(l_i / T) / Z
-    on the kept tokens, and argmax p_i / E_i = argmax (l_i / T - log E_i) = argmax (l_i - T log E_i). Dividing by
-    T > 0 keeps the order of the logits, so the top k are taken from the logits as they come (bf16 on the GPU:
-    half the radix passes of float32). With T = 0 and E = 1 it is greedy again (the compiled GPU step uses that
-    to serve both with one graph)."""
+    The same draw as `sample_rows` from the same race: softmax(l / T) restricted to the top k is
+    p_i = e^(l_i / T) / Z on the kept tokens, and argmax p_i / E_i = argmax (l_i / T - log E_i)
+    = argmax (l_i - T log E_i). Dividing by T > 0 keeps the order of the logits, so the top k are taken from the
+    logits as they come (bf16 on the GPU: half the radix passes of float32). A row with T = 0 is greedy (the
+    compiled GPU step uses that to serve greedy and sampled rows with one graph)."""
     if race is None:
         return argmax(logits)
     scores = logits.float() - temperature * race.log()  # [B, V]
+    scores = torch.where(temperature > 0, scores, logits.float())  # (0 * log 0 would be NaN)
     if top_k is not None:
         scores = scores.masked_fill(logits < kth(logits, top_k), float("-inf"))
     return argmax(scores)
-
-
-def picks_in_step(params: SamplingParams, seen: Tensor | None) -> bool:
-    """Whether `pick` can choose the tokens inside the decode step (else the step returns logits for `sample`)."""
-    return seen is None and params.top_p == 1.0 and params.min_p == 0.0
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -145,58 +188,3 @@ def decode_step(model: Transformer, token: Tensor, position: Tensor, in_step: bo
     token on an H100."""
     logits = model(token, input_pos=position, span=span)[:, -1]
     return pick(logits, race, temperature, top_k, kth) if in_step else logits
-
-
-@torch.inference_mode()
-def generate_tokens(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    params: SamplingParams,
-    generator: torch.Generator | None = None,
-    decode: Callable[..., Tensor] = decode_step,
-) -> Iterator[Tensor]:
-    """Yield the next token of every row, [B] on the model's device, once per step; stop iterating to stop.
-
-    Prompts of different lengths share one batch: they are right-padded for the prefill (a padded position never
-    influences earlier ones under causal attention) and each row then decodes from its own position, so every
-    row equals generating its prompt alone. The KV cache must already hold max(len) + max_new_tokens positions.
-    Nothing here waits for the GPU: whether to stop is the caller's decision. Each decode step is told how many
-    cache slots are in use (`span`), counted here on the host, so that it reads those and not the whole cache.
-    """
-    device = model.embed_tokens.weight.device
-    B = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-    longest = max(len(p) for p in prompts)
-    tokens = torch.zeros(B, longest, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-    tokens = tokens.to(device)  # [B, T]
-    seen = None
-    if params.repetition_penalty != 1.0:  # which tokens each row has seen, prompt included (as transformers)
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
-            seen[row, torch.tensor(prompt, device=device)] = True
-
-    logits = model(tokens, input_pos=torch.arange(tokens.shape[1], device=device), logits_at=lengths - 1)  # [B, V]
-    position = lengths.clone()  # [B]: where each row's next token goes
-    rows = torch.arange(B, device=device)
-    in_step = picks_in_step(params, seen)  # then the decode step chooses the token itself
-    temperature = torch.tensor(params.temperature, device=device) if params.temperature > 0 else None
-    next_token = sample(logits.float(), params, seen, generator)  # [B]
-    for step in range(max_new_tokens):
-        if seen is not None:
-            seen[rows, next_token] = True
-        yield next_token
-        if step == max_new_tokens - 1:
-            return
-        span = longest + step + 1  # slots in use once this step has written its token (at lengths + step)
-        if in_step:
-            race = None if temperature is None else exponential_race((B, logits.shape[-1]), device, generator)
-            # (a CUDA graph's output is overwritten by its next replay: keep a copy of the tokens)
-            next_token = decode(model, next_token[:, None], position[:, None], True, race, temperature,
-                                params.top_k, span=span).clone()
-        else:
-            logits = decode(model, next_token[:, None], position[:, None], span=span)  # [B, V]
-            next_token = sample(logits.float(), params, seen, generator)
-        position += 1

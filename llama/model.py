@@ -164,7 +164,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache(nn.Module):
     """A static, pre-allocated cache of keys and values: [B_max, K, S, D] each, allocated once by
     `Transformer.setup_cache`. `update` writes the new keys/values at `input_pos` (per row) and returns the
-    whole cache for the rows in use; nothing grows or is concatenated while generating."""
+    whole cache for the rows in use; nothing grows or is concatenated while generating. A batch's row b uses cache
+    row b, or `rows[b]` when given (a request joining a running batch is prefilled into a free row)."""
 
     def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, **factory):
         super().__init__()
@@ -172,14 +173,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, **factory), persistent=False)  # [B_max, K, S, D]
         self.register_buffer("v", torch.zeros(shape, **factory), persistent=False)  # [B_max, K, S, D]
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, K, T, D = k.shape
         assert input_pos.shape == (B, T), f"input_pos {tuple(input_pos.shape)} != (B, T) = {(B, T)}"
         assert B <= self.k.shape[0] and (K, D) == (self.k.shape[1], self.k.shape[3]), "cache shape mismatch"
-        rows = torch.arange(B, device=k.device)[:, None]  # [B, 1]
-        self.k[rows, :, input_pos] = k.transpose(1, 2)  # the indexed view is [B, T, K, D]
-        self.v[rows, :, input_pos] = v.transpose(1, 2)
-        return self.k[:B], self.v[:B]
+        index = (torch.arange(B, device=k.device) if rows is None else rows)[:, None]  # [B, 1]
+        self.k[index, :, input_pos] = k.transpose(1, 2)  # the indexed view is [B, T, K, D]
+        self.v[index, :, input_pos] = v.transpose(1, 2)
+        return (self.k[:B], self.v[:B]) if rows is None else (self.k[rows], self.v[rows])
 
 
 # ---------------------------------------------------------------------------- Linear
@@ -241,10 +242,11 @@ class Attention(nn.Module):
         self.implementation = "sdpa"
         self.decode_kernel = None  # the compiled GPU path: kernels.decode_attention (RoPE, cache write and SDPA)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None,
+                rows: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         qkv = self.qkv_proj(x)  # [B, T, (H + 2K) * D]
-        if self.decode_kernel is not None and self.cache is not None and T == 1:
+        if self.decode_kernel is not None and self.cache is not None and T == 1 and rows is None:
             # The decode step below as one kernel: rotate q and k, write k and v at input_pos, attend from positions
             out = self.decode_kernel(qkv, cos, sin, self.cache, input_pos)  # [B, H, 1, D]
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -258,12 +260,12 @@ class Attention(nn.Module):
         if self.cache is None or T > 1:
             # No cache, or a prefill: the prompt starts at position 0 and its tokens see each other causally.
             if self.cache is not None:
-                self.cache.update(input_pos, k, v)
+                self.cache.update(input_pos, k, v, rows)
             out = attend(q, k, v, None)  # [B, H, T, D]
         else:
             # A decode step: the new token of row b (at input_pos[b]) sees the cache slots that `mask` allows. The
             # mask covers the first L slots only, those in use; the slots beyond are not read at all.
-            k_all, v_all = self.cache.update(input_pos, k, v)  # [B, K, S, D]
+            k_all, v_all = self.cache.update(input_pos, k, v, rows)  # [B, K, S, D]
             L = mask.shape[-1]
             out = attend(q, k_all[:, :, :L], v_all[:, :, :L], mask)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -303,8 +305,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None,
+                rows: Tensor | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, rows)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -325,7 +328,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, logits_at: Tensor | None = None,
-                span: int | None = None) -> Tensor:
+                span: int | None = None, rows: Tensor | None = None) -> Tensor:
         """tokens: [B, T] -> logits [B, T, V] (or [B, V] with `logits_at`).
 
         input_pos: None for one full causal forward without a cache. With a cache (`setup_cache`), the positions
@@ -337,6 +340,8 @@ class Transformer(nn.Module):
         span: a decode step reads only the first `span` cache slots (at least max(input_pos) + 1), so that its
           cost follows the positions in use rather than the cache allocated; a plain int, known on the host (the
           generation loop counts it), so reading it costs no device synchronisation. None: all S slots.
+        rows: [B] the cache rows the batch's rows read and write (prompts prefilled into the free rows of a running
+          batch, scheduler.py); None: rows 0..B-1.
         """
         B, T = tokens.shape
         if input_pos is None:
@@ -353,7 +358,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)  # [B, T, C]
         cos, sin = self.rope(positions, x.dtype)  # [B, T, D] each
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            x = layer(x, cos, sin, input_pos, mask, rows)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]  # [B, C]
         return self.lm_head(self.norm(x))  # [B, T, V] or [B, V]

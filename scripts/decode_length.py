@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import random_engine_model, sync  # noqa: E402
+from bench import random_engine_model  # noqa: E402
 
 from llama.api import Llama  # noqa: E402
 from llama.config import ModelConfig  # noqa: E402
-from llama.generate import SamplingParams, generate_tokens  # noqa: E402
+from llama.scheduler import Request, Scheduler  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -60,16 +60,16 @@ def decode(llm: Llama, prompt: list[int], max_new_tokens: int, answer_tokens: in
     if whole_cache:
         def step(*args, span=None, **kwargs):
             return llm._decode_step(*args, **kwargs)
-    steps = generate_tokens(llm.model, [prompt], max_new_tokens, SamplingParams(), None, step)
-    tokens = [next(steps)]  # from the prefill
-    sync(llm.device)
-    start = time.perf_counter()
-    for _ in range(answer_tokens - 1):
-        tokens.append(next(steps))
-    sync(llm.device)
+    scheduler = Scheduler(llm.model, step, None, [])
+    job = scheduler.submit(Request(prompt, max_new_tokens))
+    while not job.received:  # the prefill's token
+        scheduler.step()
+    start, first = time.perf_counter(), job.received
+    while job.received < answer_tokens:
+        scheduler.step()
     elapsed = time.perf_counter() - start
-    steps.close()
-    return (answer_tokens - 1) / elapsed, torch.cat(tokens).tolist()
+    scheduler.cancel(job)
+    return (job.received - first) / elapsed, job.output.token_ids[:answer_tokens]
 
 
 def main() -> None:

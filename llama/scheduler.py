@@ -1,0 +1,379 @@
+"""Continuous batching: the engine's one generation loop, shared by `Llama.generate`, `Llama.stream` and the server.
+
+The KV cache holds `slots` rows. A request waits in a queue until a row is free; it is then prefilled into that
+row (its prompt's keys and values are written there, next to rows that are mid-answer), its first token is chosen
+from the prefill, and from the next step on it decodes with the others, each row at its own position. A request
+that finishes (an end-of-sequence token, a stop string, max_new_tokens, or cancelled) leaves its row at once, and
+the next waiting request takes the row. No computation mixes rows, so what a request generates does not depend on
+what else is in the batch (in float32 on a CPU, exactly; bf16 matrix products on a GPU may round differently at
+another batch size).
+
+    step():  admit   waiting requests -> free rows: one prefill for all of them, first tokens chosen
+             decode  (when none was admitted) one token for every row still generating (`decode_step`)
+             read    the tokens of earlier launches -> each request's output (text, stop strings, finish)
+
+Nothing in `admit` or `decode` waits for the GPU: positions are counted on the host, and the tokens go back to the
+host through pinned memory. On a GPU `read` takes the tokens of the step before the newest, which the GPU has
+already finished while it works on the newest one, so it is never left idle; a finish is thus seen one step late and
+that row's extra token is dropped. The batch a decode step runs is the occupied rows rounded up to a power of two
+(one CUDA graph per size when compiled).
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from llama.generate import GenerationResult, RowParams, SamplingParams, exponential_race, sample_rows
+from llama.model import Transformer
+from llama.tokenizer import Tokenizer
+
+MAX_LOGPROBS = 20  # top log-probabilities a request may ask for (OpenAI's limit)
+
+
+@dataclass
+class Request:
+    """What to generate: a prompt of token ids and how to continue it (arguments already checked)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams = SamplingParams()
+    seed: int | None = None  # None: the scheduler's own random stream
+    stop: Sequence[str] = ()  # stop strings (the text is cut before them)
+    stop_token_ids: Sequence[int] = ()  # besides the model's end-of-sequence ids
+    logprobs: int | None = None  # None, or also return each new token's log-probability and the top `logprobs`
+    ignore_eos: bool = False  # generate max_new_tokens whatever the tokens (benchmarks)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits), and the most likely
+    tokens at that step with theirs."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class Output:
+    """One request's output: token ids, text, and why it stopped. Text is held back while it could still turn
+    out to be the beginning of a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop_ids: set[int], stop: list[str]):
+        self.tokenizer, self.stop_ids, self.stop = tokenizer, stop_ids, stop
+        self.decoder = tokenizer.stream_decoder() if tokenizer else None
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.text = ""  # decoded so far (cut at a stop string)
+        self.emitted = 0  # characters of text already handed out
+        self.finish_reason: str | None = None
+        self.cut = False  # the text was cut at a stop string
+
+    def push(self, tokens: list[int], final: bool, logprobs: list[TokenLogprob] | None = None) -> str:
+        """Take the next tokens; return the text that can be shown now."""
+        for i, token in enumerate(tokens):
+            if self.finish_reason:
+                break
+            if token in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            self.token_ids.append(token)
+            if logprobs:
+                self.logprobs.append(logprobs[i])
+            if self.decoder is not None:
+                self._add_text(self.decoder.push(token))
+        if not self.finish_reason and final:
+            self.finish_reason = "length"
+        if self.finish_reason and self.decoder is not None:
+            self._add_text(self.decoder.flush())  # bytes held back for an unfinished character
+        hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.stop), default=0)
+        piece = self.text[self.emitted: max(self.emitted, len(self.text) - hold)]
+        self.emitted += len(piece)
+        return piece
+
+    def _add_text(self, new: str) -> None:
+        if self.cut:
+            return
+        self.text += new
+        for s in self.stop:
+            index = self.text.find(s)
+            if index >= 0:  # cut before the stop string; tokens already taken stay in token_ids
+                self.text, self.finish_reason, self.cut = self.text[:index], "stop", True
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.token_ids, self.text if self.tokenizer else None, self.finish_reason or "length")
+
+
+@dataclass(eq=False)
+class Job:
+    """A request inside the scheduler: its row, where its next token goes, what it has produced."""
+
+    request: Request
+    output: Output
+    generator: torch.Generator | None  # its own random stream when it has a seed
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    slot: int | None = None  # its cache row, once admitted
+    position: int = 0  # where the token it decodes next is written
+    launched: int = 0  # tokens whose computation has been launched (the first comes from the prefill)
+    received: int = 0  # tokens read back on the host
+    cancelled: bool = False
+    done: bool = False  # finished (output.finish_reason says why) or cancelled; its row is free again
+    error: Exception | None = None  # what ended it, when a step failed
+
+    @property
+    def generating(self) -> bool:
+        return not self.done and self.launched < self.request.max_new_tokens
+
+
+class Update(NamedTuple):
+    """What a step did for a job: the text it can show now, and the job's state right then."""
+
+    job: Job
+    text: str
+    finish_reason: str | None  # set on the job's last update
+    tokens: int  # len(job.output.token_ids) after this update
+
+
+@dataclass
+class _Launch:
+    """A prefill or decode step on its way: the jobs it produced a token for, and the copy of those tokens."""
+
+    jobs: list[tuple[Job, int]]  # (job, its index in the tensors below)
+    read: Callable[[], list]  # waits for the copy; -> [tokens, (logprob, top ids, top logprobs)?]
+
+
+class Scheduler:
+    """Continuous batching over a model whose cache is set up for `slots` rows of `length` positions.
+
+    `submit` and `cancel` may be called from any thread; `step` from one thread only. A request too long for the
+    cache is refused at `submit` (a ValueError); `max_waiting` bounds the queue (`QueueFull`)."""
+
+    def __init__(self, model: Transformer, decode: Callable[..., Tensor], tokenizer: Tokenizer | None,
+                 eos_token_ids: Sequence[int], seed: int | None = None, max_waiting: int | None = None):
+        cache = model.layers[0].attention.cache
+        assert cache is not None, "set up the model's cache first"
+        self.model, self.decode, self.tokenizer = model, decode, tokenizer
+        self.slots, self.length = cache.k.shape[0], cache.k.shape[2]
+        self.device = model.embed_tokens.weight.device
+        self.vocab_size = model.lm_head.out_features
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_waiting = max_waiting
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.waiting: deque[Job] = deque()
+        self.running: dict[int, Job] = {}  # slot -> job
+        self.free = list(range(self.slots))  # a heap: the lowest free row first keeps the batch compact
+        self.launches: deque[_Launch] = deque()
+        self.tokens = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # each row's latest token
+        self.seen: Tensor | None = None  # [slots, V] bool, tokens each row has seen (for repetition penalties)
+        self.lock = threading.Lock()
+        self._row_params: tuple[tuple, RowParams] | None = None
+        self.decode_steps = 0
+        self.decoded_tokens = 0  # tokens produced by decode steps (rows generating, summed over steps)
+
+    # ------------------------------------------------------------------------ from any thread
+    def submit(self, request: Request) -> Job:
+        """Queue a request; the next `step` admits it if a row is free."""
+        need = len(request.prompt) + request.max_new_tokens
+        if need > self.length:
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens; with max_new_tokens="
+                             f"{request.max_new_tokens} it needs {need} positions, more than the {self.length} "
+                             f"of the cache (max_seq_len)")
+        stop_ids = set(request.stop_token_ids) | (set() if request.ignore_eos else self.eos_token_ids)
+        generator = None
+        if request.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.seed)
+        job = Job(request, Output(self.tokenizer, stop_ids, list(request.stop)), generator)
+        with self.lock:
+            if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit)")
+            self.waiting.append(job)
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job; its row is freed at the next step."""
+        job.cancelled = True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running or self.launches)
+
+    # ------------------------------------------------------------------------ the loop (one thread)
+    @torch.inference_mode()
+    def step(self) -> list[Update]:
+        """Admit, decode, read (see the module's docstring); -> (job, new text) for each job that moved on."""
+        for job in [j for j in self.running.values() if j.cancelled]:
+            self._retire(job)
+        if not self._admit():  # (a step that admits does not decode: the new rows' first tokens come sooner)
+            self._decode()
+        return self._read()
+
+    def _admit(self) -> bool:
+        with self.lock:
+            jobs = []
+            while self.waiting and len(jobs) < len(self.free):
+                job = self.waiting.popleft()
+                if job.cancelled:
+                    job.done = True
+                else:
+                    jobs.append(job)
+        if not jobs:
+            return False
+        for job in jobs:
+            job.slot = heapq.heappop(self.free)
+            self.running[job.slot] = job
+        prompts = [job.request.prompt for job in jobs]
+        lengths = torch.tensor([len(p) for p in prompts])
+        tokens = torch.zeros(len(jobs), int(lengths.max()), dtype=torch.long)  # right-padded [n, T]
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = torch.tensor(prompt)
+        slots = torch.tensor([job.slot for job in jobs]).to(self.device, non_blocking=True)
+        tokens, lengths = tokens.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
+        positions = torch.arange(tokens.shape[1], device=self.device)
+        logits = self.model(tokens, input_pos=positions, logits_at=lengths - 1, rows=slots).float()  # [n, V]
+
+        params = RowParams.of([job.request.params for job in jobs], self.device)
+        if "penalty" in params.uses and self.seen is None:
+            self.seen = torch.zeros(self.slots, self.vocab_size, dtype=torch.bool, device=self.device)
+        seen = None
+        if self.seen is not None:  # (as transformers: the prompt's tokens count as seen)
+            self.seen[slots] = False
+            for job in jobs:
+                self.seen[job.slot, torch.tensor(job.request.prompt, device=self.device)] = True
+            seen = self.seen[slots]
+        race = self._race(jobs, params)
+        chosen = sample_rows(logits, params, seen, race)  # [n]
+        self.tokens[slots] = chosen
+        if self.seen is not None:
+            self.seen[slots, chosen] = True
+        for job in jobs:
+            job.position, job.launched = len(job.request.prompt), 1
+        self._launch(list(zip(jobs, range(len(jobs)))), chosen, logits)
+        return True
+
+    def _decode(self) -> None:
+        generating = [job for job in self.running.values() if job.generating]
+        if not generating:
+            return
+        B = min(self.slots, 1 << max(self.running).bit_length())  # occupied rows, rounded up to a power of two
+        rows: list[Job | None] = [self.running.get(slot) for slot in range(B)]
+        position = torch.tensor([[job.position if job else 0] for job in rows]).to(self.device, non_blocking=True)
+        span = max(job.position for job in self.running.values()) + 1
+        key = tuple(id(job) for job in rows)
+        if self._row_params is None or self._row_params[0] != key:
+            self._row_params = key, RowParams.of([job.request.params if job else SamplingParams() for job in rows],
+                                                 self.device)
+        params = self._row_params[1]
+        race = self._race([job for job in rows if job is not None], params, B)
+        wants_logprobs = any(job.request.logprobs is not None for job in generating)
+        token = self.tokens[:B, None]  # [B, 1]
+        if getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda" and not wants_logprobs \
+                and params.uses <= {"sampling", "top_k"}:
+            top_k = torch.where(params.top_k > 0, params.top_k, self.vocab_size)[:, 0]
+            chosen = self.decode(self.model, token, position, True, race, params.temperature, top_k, span=span)
+            logits = None
+        else:
+            logits = self.decode(self.model, token, position, span=span).float()  # [B, V]
+            chosen = sample_rows(logits, params, None if self.seen is None else self.seen[:B], race)
+        self.tokens[:B] = chosen  # (a copy: a CUDA graph's output is overwritten by its next replay)
+        if self.seen is not None:
+            self.seen[torch.arange(B, device=self.device), self.tokens[:B]] = True
+        for job in generating:
+            job.position += 1
+            job.launched += 1
+        self.decode_steps += 1
+        self.decoded_tokens += len(generating)
+        self._launch([(job, job.slot) for job in generating], self.tokens[:B].clone(),
+                     logits if wants_logprobs else None)
+
+    def _race(self, jobs: list[Job], params: RowParams, rows: int | None = None) -> Tensor | None:
+        """The random draws of a step, [rows, V] (None when no row samples): the scheduler's stream for all
+        rows, then each seeded job's row from its own stream (so that a seed repeats a job's output whatever else
+        runs beside it). `jobs` are the rows' jobs, in order, or for a decode step the jobs by slot."""
+        if "sampling" not in params.uses:
+            return None
+        n = rows or len(jobs)
+        race = exponential_race((n, self.vocab_size), self.device, self.generator)
+        for index, job in enumerate(jobs):
+            if job.generator is not None and job.request.params.temperature > 0 and job.generating:
+                race[job.slot if rows else index] = exponential_race((self.vocab_size,), self.device, job.generator)
+        return race
+
+    def _launch(self, jobs: list[tuple[Job, int]], chosen: Tensor, logits: Tensor | None) -> None:
+        tensors = [chosen]
+        wanted = max((job.request.logprobs for job, _ in jobs if job.request.logprobs is not None), default=None)
+        if wanted is not None and logits is not None:
+            logprobs = logits.log_softmax(dim=-1)
+            top = logprobs.topk(max(wanted, 1), dim=-1)
+            tensors += [logprobs.gather(-1, chosen[:, None])[:, 0], top.indices, top.values]
+        copies = [_copy_to_host(t) for t in tensors]
+        self.launches.append(_Launch(jobs, lambda: [copy() for copy in copies]))
+
+    def _read(self) -> list[Update]:
+        updates = []
+        # On a GPU leave the newest launch in flight while rows are still generating (see the module docstring)
+        lag = 1 if self.device.type == "cuda" and any(j.generating for j in self.running.values()) else 0
+        while len(self.launches) > lag:
+            launch = self.launches.popleft()
+            tensors = launch.read()  # the only host synchronisation
+            now = time.perf_counter()
+            for job, index in launch.jobs:
+                if job.done:
+                    continue
+                if job.cancelled:
+                    self._retire(job)
+                    continue
+                job.received += 1
+                job.first_token_at = job.first_token_at or now
+                logprob = None
+                if job.request.logprobs is not None and len(tensors) > 1:
+                    token, n = tensors[0][index], job.request.logprobs
+                    top = list(zip(tensors[2][index][:n], tensors[3][index][:n]))
+                    logprob = [TokenLogprob(token, tensors[1][index], top)]
+                final = job.received >= job.request.max_new_tokens
+                piece = job.output.push([tensors[0][index]], final, logprob)
+                if job.output.finish_reason:
+                    self._retire(job)
+                updates.append(Update(job, piece, job.output.finish_reason, len(job.output.token_ids)))
+        return updates
+
+    def _retire(self, job: Job) -> None:
+        job.done = True
+        if job.slot is not None and self.running.get(job.slot) is job:
+            del self.running[job.slot]
+            heapq.heappush(self.free, job.slot)
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[list[Update]]:
+        """Step until `jobs` are done, yielding each step's updates."""
+        while not all(job.done for job in jobs):
+            yield self.step()
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the scheduler's `max_waiting`."""
+
+
+def _copy_to_host(tensor: Tensor) -> Callable[[], list]:
+    """Start copying a tensor to the host without waiting; the returned function waits, then lists it."""
+    if tensor.device.type != "cuda":
+        return tensor.tolist
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list:
+        copied.synchronize()
+        return host.tolist()
+
+    return wait
