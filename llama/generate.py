@@ -96,7 +96,7 @@ class RowParams:
         largest_k = max(ks) if ks else None
 
         def column(values: list, dtype: torch.dtype = torch.float32) -> Tensor:
-            return torch.tensor(values, dtype=dtype).view(-1, 1).to(device, non_blocking=True)
+            return to_device(torch.tensor(values, dtype=dtype).view(-1, 1), device)
 
         uses = {name for name, used in (("sampling", any(p.temperature > 0 for p in params)),
                                         ("top_k", largest_k is not None),
@@ -131,6 +131,14 @@ def sample_rows(logits: Tensor, rows: RowParams, seen: Tensor | None, race: Tens
     # argmax(p_i / E_i) with E_i ~ Exp(1) draws index i with probability p_i (the "exponential race"); unlike
     # torch.multinomial it needs no host synchronisation on a GPU.
     return torch.where(sampled[:, 0], argmax(probs / race), greedy)
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without waiting for the device: through pinned memory to a GPU (a copy from
+    pageable memory may wait for the work queued before it)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def exponential_race(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:

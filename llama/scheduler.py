@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llama.generate import GenerationResult, RowParams, SamplingParams, exponential_race, sample_rows
+from llama.generate import GenerationResult, RowParams, SamplingParams, exponential_race, sample_rows, to_device
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 
@@ -174,9 +174,11 @@ class Scheduler:
         self.free = list(range(self.slots))  # a heap: the lowest free row first keeps the batch compact
         self.launches: deque[_Launch] = deque()
         self.tokens = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # each row's latest token
+        self.positions = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # where it goes
+        self._advancing: tuple[tuple, Tensor] | None = None  # rows that move on at a step: 1, the others 0
         self.seen: Tensor | None = None  # [slots, V] bool, tokens each row has seen (for repetition penalties)
         self.lock = threading.Lock()
-        self._row_params: tuple[tuple, RowParams] | None = None
+        self._row_params: tuple[tuple, RowParams, Tensor] | None = None
         self.decode_steps = 0
         self.decoded_tokens = 0  # tokens produced by decode steps (rows generating, summed over steps)
 
@@ -237,8 +239,8 @@ class Scheduler:
         tokens = torch.zeros(len(jobs), int(lengths.max()), dtype=torch.long)  # right-padded [n, T]
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.tensor(prompt)
-        slots = torch.tensor([job.slot for job in jobs]).to(self.device, non_blocking=True)
-        tokens, lengths = tokens.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
+        slots = to_device(torch.tensor([job.slot for job in jobs]), self.device)
+        tokens, lengths = to_device(tokens, self.device), to_device(lengths, self.device)
         positions = torch.arange(tokens.shape[1], device=self.device)
         logits = self.model(tokens, input_pos=positions, logits_at=lengths - 1, rows=slots).float()  # [n, V]
 
@@ -249,11 +251,12 @@ class Scheduler:
         if self.seen is not None:  # (as transformers: the prompt's tokens count as seen)
             self.seen[slots] = False
             for job in jobs:
-                self.seen[job.slot, torch.tensor(job.request.prompt, device=self.device)] = True
+                self.seen[job.slot, to_device(torch.tensor(job.request.prompt), self.device)] = True
             seen = self.seen[slots]
         race = self._race(jobs, params)
         chosen = sample_rows(logits, params, seen, race)  # [n]
         self.tokens[slots] = chosen
+        self.positions[slots] = lengths
         if self.seen is not None:
             self.seen[slots, chosen] = True
         for job in jobs:
@@ -267,19 +270,22 @@ class Scheduler:
             return
         B = min(self.slots, 1 << max(self.running).bit_length())  # occupied rows, rounded up to a power of two
         rows: list[Job | None] = [self.running.get(slot) for slot in range(B)]
-        position = torch.tensor([[job.position if job else 0] for job in rows]).to(self.device, non_blocking=True)
         span = max(job.position for job in self.running.values()) + 1
+        # The rows' parameters, and which rows advance, go to the device when the rows change, not at every step
         key = tuple(id(job) for job in rows)
         if self._row_params is None or self._row_params[0] != key:
-            self._row_params = key, RowParams.of([job.request.params if job else SamplingParams() for job in rows],
-                                                 self.device)
-        params = self._row_params[1]
+            params = RowParams.of([job.request.params if job else SamplingParams() for job in rows], self.device)
+            top_k = torch.where(params.top_k > 0, params.top_k, self.vocab_size)[:, 0]  # (no top-k: k = V)
+            self._row_params = key, params, top_k
+        _, params, top_k = self._row_params
+        key = tuple(job is not None and job.generating for job in rows)
+        if self._advancing is None or self._advancing[0] != key:
+            self._advancing = key, to_device(torch.tensor(key, dtype=torch.long), self.device)
         race = self._race([job for job in rows if job is not None], params, B)
         wants_logprobs = any(job.request.logprobs is not None for job in generating)
-        token = self.tokens[:B, None]  # [B, 1]
+        token, position = self.tokens[:B, None], self.positions[:B, None]  # [B, 1] each
         if getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda" and not wants_logprobs \
                 and params.uses <= {"sampling", "top_k"}:
-            top_k = torch.where(params.top_k > 0, params.top_k, self.vocab_size)[:, 0]
             chosen = self.decode(self.model, token, position, True, race, params.temperature, top_k, span=span)
             logits = None
         else:
@@ -288,6 +294,7 @@ class Scheduler:
         self.tokens[:B] = chosen  # (a copy: a CUDA graph's output is overwritten by its next replay)
         if self.seen is not None:
             self.seen[torch.arange(B, device=self.device), self.tokens[:B]] = True
+        self.positions[:B] += self._advancing[1]  # (rows done generating stay where they are, inside the cache)
         for job in generating:
             job.position += 1
             job.launched += 1

@@ -11,7 +11,9 @@ shutdown): the small, well-kept ASGI pair under FastAPI, without FastAPI's pydan
 rules as the Python API and the command line (llama/arguments.py).
 
 Two threads: uvicorn's event loop speaks HTTP; one engine thread runs `Scheduler.step` while there is work and
-hands each request's new text to that request's queue on the event loop. A request is a `Job` of the scheduler
+hands each request's new text to that request's queue on the event loop (all of a step's updates in one call, which
+wakes the loop once). A stream sends what its queue holds as one chunk, so a loop that falls behind sends fewer,
+larger chunks rather than delaying the engine. A request is a `Job` of the scheduler
 from the moment it is accepted; a streaming client that disconnects cancels its job, and the scheduler frees the
 row at its next step.
 """
@@ -22,12 +24,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,34 +73,46 @@ class Engine:
         self.llm = llm
         self.scheduler = Scheduler(llm.model, llm._decode_step, llm.tokenizer, llm.eos_token_ids,
                                    max_waiting=max_waiting)
-        self.listeners: dict[Job, Callable[[Update], None]] = {}
+        self.queues: dict[Job, asyncio.Queue[Update]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, set when it starts
         self.lock = threading.Lock()
         self.work = threading.Event()
+        self.calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="llama-engine", daemon=True)
 
     def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.thread.start()
 
-    def submit(self, request: Request, listener: Callable[[Update], None]) -> Job:
-        """Queue a request; `listener(update)` is called from the engine thread each time the job moves on (the
-        last update has its finish_reason)."""
+    def submit(self, request: Request, queue: asyncio.Queue[Update]) -> Job:
+        """Queue a request; each time it moves on, an `Update` is put in `queue` (the last with its
+        finish_reason)."""
         with self.lock:
             job = self.scheduler.submit(request)
-            self.listeners[job] = listener
+            self.queues[job] = queue
         self.work.set()
         return job
 
     def cancel(self, job: Job) -> None:
         with self.lock:
-            self.listeners.pop(job, None)
+            self.queues.pop(job, None)
         self.scheduler.cancel(job)
         self.work.set()
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run `function` on the engine thread, between steps, and return its result. Whatever runs the compiled
+        decode step should run there: CUDA graph trees are kept per thread, and graphs recorded by two threads
+        for one function break each other (scripts/bench_serve.py measures its static baseline this way)."""
+        future: Future = Future()
+        self.calls.append((function, future))
+        self.work.set()
+        return future.result()
 
     def stop(self) -> None:
         """Cancel whatever is still in flight and end the thread."""
         with self.lock:
-            jobs = list(self.listeners)
+            jobs = list(self.queues)
         for job in jobs:
             self.cancel(job)
         self.stopping = True
@@ -105,6 +122,12 @@ class Engine:
 
     def _loop(self) -> None:
         while not self.stopping:
+            while self.calls:
+                function, future = self.calls.popleft()
+                try:
+                    future.set_result(function())
+                except BaseException as e:  # (the caller's to handle)
+                    future.set_exception(e)
             if not self.scheduler.busy:
                 self.work.wait(timeout=1.0)
                 self.work.clear()
@@ -112,27 +135,37 @@ class Engine:
             try:
                 updates = self.scheduler.step()
             except Exception as e:  # (out of memory, say): fail what is in flight, keep serving
-                log.error("generation failed: %s", "".join(traceback.format_exception_only(e)).strip())
+                if os.environ.get("LLAMA_DEBUG", "").lower() in ("1", "true", "yes", "on"):
+                    log.error("generation failed:\n%s", "".join(traceback.format_exception(e)))
+                else:
+                    log.error("generation failed: %s (LLAMA_DEBUG=1 shows the traceback)",
+                              "".join(traceback.format_exception_only(e)).strip())
                 self._fail_all(e)
                 continue
             with self.lock:
+                deliveries = [(self.queues[u.job], u) for u in updates if u.job in self.queues]
                 for update in updates:
-                    listener = self.listeners.get(update.job)
-                    if listener is not None:
-                        listener(update)
-                        if update.finish_reason:
-                            del self.listeners[update.job]
+                    if update.finish_reason:
+                        self.queues.pop(update.job, None)
+            if deliveries:
+                self.loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _fail_all(self, error: Exception) -> None:
         """After a failed step: every job in flight ends with the error, and a fresh scheduler takes over."""
         with self.lock:
-            listeners, self.listeners = self.listeners, {}
+            queues, self.queues = self.queues, {}
             old = self.scheduler
             self.scheduler = Scheduler(self.llm.model, self.llm._decode_step, self.llm.tokenizer,
                                        self.llm.eos_token_ids, max_waiting=old.max_waiting)
-        for job, listener in listeners.items():
+        for job in queues:
             job.done, job.error = True, error
-            listener(Update(job, "", "error", len(job.output.token_ids)))
+        self.loop.call_soon_threadsafe(_deliver, [(queue, Update(job, "", "error", len(job.output.token_ids)))
+                                                  for job, queue in queues.items()])
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue, Update]]) -> None:
+    for queue, update in deliveries:
+        queue.put_nowait(update)
 
 
 # ---------------------------------------------------------------------------- parsing a request
@@ -292,7 +325,7 @@ def make_app(llm: Llama, served_model_name: str, max_batch_size: int, max_waitin
                              f"{json.dumps(served_model_name)}", "model", code="model_not_found")
         return body
 
-    def submit(parsed: Parsed, param: str, listener: Callable[[Update], None]) -> list[Job]:
+    def submit(parsed: Parsed, param: str, queue: asyncio.Queue[Update]) -> list[Job]:
         jobs = []
         context = llm.max_seq_len
         for prompt in parsed.prompts:
@@ -310,7 +343,7 @@ def make_app(llm: Llama, served_model_name: str, max_batch_size: int, max_waitin
                     seed = None if parsed.seed is None else parsed.seed + choice
                     jobs.append(engine.submit(Request(prompt, max_tokens, parsed.params, seed, parsed.stop,
                                                       logprobs=parsed.logprobs, ignore_eos=parsed.ignore_eos),
-                                              listener))
+                                              queue))
         except QueueFull as e:
             for job in jobs:
                 engine.cancel(job)
@@ -324,24 +357,23 @@ def make_app(llm: Llama, served_model_name: str, max_batch_size: int, max_waitin
         body = await body_of(request)
         prompts = chat_prompt(body) if chat else completion_prompts(body)
         parsed = _parse_common(body, prompts, chat)
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Update] = asyncio.Queue()
-
-        def listener(update: Update) -> None:  # (called on the engine thread)
-            loop.call_soon_threadsafe(queue.put_nowait, update)
-
-        jobs = submit(parsed, "messages" if chat else "prompt", listener)
+        jobs = submit(parsed, "messages" if chat else "prompt", queue)
         reply = Reply(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", served_model_name, chat, jobs,
                       tokenizer, parsed)
         if parsed.stream:
             return StreamingResponse(_events(reply, queue, engine), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            finished = 0
+            finished, looked = 0, time.monotonic()
             while finished < len(jobs):
                 try:
                     finished += bool((await asyncio.wait_for(queue.get(), timeout=0.5)).finish_reason)
                 except asyncio.TimeoutError:
+                    pass
+                # Every half second, not only when the queue is quiet: a decoding job sends an update every step
+                if finished < len(jobs) and time.monotonic() - looked >= 0.5:
+                    looked = time.monotonic()
                     if await request.is_disconnected():  # (the finally below cancels the jobs)
                         return Response(status_code=204)
             return JSONResponse(reply.whole())
@@ -506,16 +538,20 @@ async def _events(reply: Reply, queue: asyncio.Queue, engine: Engine) -> AsyncIt
                 yield _sse(reply.chunk(index, None))
         finished = 0
         while finished < len(reply.jobs):
-            update: Update = await queue.get()
-            if update.job.error is not None:
-                error = {"message": f"generation failed: {update.job.error}", "type": "server_error",
-                         "param": None, "code": None}
+            updates = [await queue.get()]
+            while not queue.empty():  # (all that is waiting: one chunk per job)
+                updates.append(queue.get_nowait())
+            failed = next((update.job.error for update in updates if update.job.error is not None), None)
+            if failed is not None:
+                error = {"message": f"generation failed: {failed}", "type": "server_error", "param": None,
+                         "code": None}
                 yield _sse({"error": error})
                 break
-            finished += bool(update.finish_reason)
-            chunk = reply.chunk(index_of[update.job], update)
-            if chunk is not None:
-                yield _sse(chunk)
+            for update in _merged(updates):
+                finished += bool(update.finish_reason)
+                chunk = reply.chunk(index_of[update.job], update)
+                if chunk is not None:
+                    yield _sse(chunk)
         else:
             if reply.parsed.include_usage:
                 yield _sse({**reply.head(chunk=True), "choices": [], "usage": reply.usage()})
@@ -524,6 +560,15 @@ async def _events(reply: Reply, queue: asyncio.Queue, engine: Engine) -> AsyncIt
         for job in reply.jobs:
             if not job.done:
                 engine.cancel(job)
+
+
+def _merged(updates: list[Update]) -> list[Update]:
+    """Consecutive updates of each job as one: their text joined, the state of the last."""
+    merged: dict[Job, Update] = {}
+    for update in updates:
+        before = merged.get(update.job)
+        merged[update.job] = update if before is None else update._replace(text=before.text + update.text)
+    return list(merged.values())
 
 
 def _sse(data: dict) -> str:

@@ -57,3 +57,25 @@ def test_decode_length_decodes_the_same_tokens_with_a_short_and_a_long_cache(smo
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(the same tokens)" in result.stdout and "cache of 256 positions" in result.stdout
+
+
+def test_bench_serve_streams_every_answer_in_full_from_the_in_process_server(tmp_path):
+    """scripts/bench_serve.py on a tiny model on CPU: the server runs in the script's process, clients in a child;
+    every answer has exactly its max_tokens (the clients check each against usage), so the tokens counted per
+    level lie between requests x the shortest and requests x the longest answer drawn. No speed is asserted."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "--tiny", "--device", "cpu", "--clients", "1,3",
+         "--requests", "2", "--prompt-len", "4,8", "--answer-len", "3,6", "--compare", "--static-prompt-len", "4",
+         "--static-new-tokens", "4", "--json", str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [row["clients"] for row in rows] == [1, 3]
+    for row in rows:
+        assert row["requests"] == 2 * row["clients"]
+        assert 3 * row["requests"] <= row["output_tokens"] <= 6 * row["requests"]
+    targets = [line for line in result.stdout.splitlines() if line.startswith(("| output tok/s", "| inter-token"))]
+    assert len(targets) == 2 and "nan" not in "".join(targets)  # both comparisons printed, with figures
