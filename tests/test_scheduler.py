@@ -1,0 +1,160 @@
+"""Continuous batching (llama/scheduler.py): requests that join, leave and share a batch each get what they would get
+alone, checked against transformers' greedy choices on a random checkpoint (float32, CPU: exactly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import official_config, shrink, write_hf_checkpoint
+
+import llama
+from llama.generate import SamplingParams
+from llama.scheduler import QueueFull, Request, Scheduler
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    return folder, write_hf_checkpoint(folder, shrink(official_config("llama-3.1-8b")))
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return llama.Llama.from_pretrained(checkpoint[0], device="cpu", progress=False)
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def transformers_greedy(hf, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens by transformers, a full forward per token (no cache): the reference."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+def scheduler(llm, rows: int, length: int = 128, **options) -> Scheduler:
+    llm.model.setup_cache(rows, length)
+    return Scheduler(llm.model, llm._decode_step, None, [], **options)
+
+
+def run(s: Scheduler, jobs, steps: int | None = None) -> None:
+    for _ in range(steps) if steps is not None else iter(lambda: not all(j.done for j in jobs), False):
+        s.step()
+
+
+def test_requests_joining_a_running_batch_get_their_solo_tokens(llm, checkpoint):
+    """A starts alone; B and C (other prompt lengths) join at a later step, into the free rows beside A."""
+    prompts = [prompt(1, 5), prompt(2, 11), prompt(3, 2)]
+    s = scheduler(llm, rows=3)
+    a = s.submit(Request(prompts[0], 20))
+    run(s, [a], steps=6)
+    assert len(a.output.token_ids) == 6  # mid-answer when the others arrive
+    b, c = s.submit(Request(prompts[1], 12)), s.submit(Request(prompts[2], 9))
+    run(s, [a, b, c])
+    for job, ids in zip((a, b, c), prompts):
+        assert job.output.token_ids == transformers_greedy(checkpoint[1], ids, job.request.max_new_tokens)
+        assert job.output.finish_reason == "length"
+
+
+def test_more_requests_than_rows_wait_and_reuse_the_rows_freed(llm, checkpoint):
+    s = scheduler(llm, rows=2)
+    prompts = [prompt(10 + i, 3 + 2 * i) for i in range(5)]
+    jobs = [s.submit(Request(p, 4 + 3 * (i % 3))) for i, p in enumerate(prompts)]
+    rows_used = set()
+    while not all(job.done for job in jobs):
+        s.step()
+        assert len(s.running) <= 2
+        rows_used |= set(s.running)
+    assert rows_used == {0, 1}
+    for job, ids in zip(jobs, prompts):
+        assert job.output.token_ids == transformers_greedy(checkpoint[1], ids, job.request.max_new_tokens)
+
+
+def test_a_cancelled_request_frees_its_row_at_the_next_step(llm):
+    s = scheduler(llm, rows=1)
+    a = s.submit(Request(prompt(4, 6), 50))
+    run(s, [a], steps=3)
+    b = s.submit(Request(prompt(5, 6), 3))
+    run(s, [b], steps=2)
+    assert b.slot is None  # waiting: the one row is A's
+    s.cancel(a)
+    s.step()
+    assert a.done and b.slot == 0 and len(a.output.token_ids) < 50
+
+
+def test_greedy_rows_beside_sampled_rows_stay_greedy(llm, checkpoint):
+    """Rows with temperature, top-k, top-p, min-p and a repetition penalty share the step with a greedy row."""
+    s = scheduler(llm, rows=4)
+    greedy = s.submit(Request(prompt(6, 7), 15))
+    others = [s.submit(Request(prompt(7 + i, 4), 15, params)) for i, params in enumerate([
+        SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=0.7, top_k=5, min_p=0.05),
+        SamplingParams(temperature=1.3, repetition_penalty=1.3)])]
+    run(s, [greedy, *others])
+    assert greedy.output.token_ids == transformers_greedy(checkpoint[1], greedy.request.prompt, 15)
+    assert any(job.output.token_ids != transformers_greedy(checkpoint[1], job.request.prompt, 15) for job in others)
+
+
+def test_a_seeded_request_draws_the_same_tokens_whatever_runs_beside_it(llm):
+    seeded = Request(prompt(11, 5), 12, SamplingParams(temperature=1.0), seed=42)
+    s = scheduler(llm, rows=3)
+    alone = s.submit(seeded)
+    run(s, [alone])
+    s = scheduler(llm, rows=3)
+    companions = [s.submit(Request(prompt(12, 8), 12, SamplingParams(temperature=0.9))),
+                  s.submit(Request(prompt(13, 3), 5))]
+    run(s, companions, steps=2)
+    beside = s.submit(seeded)
+    run(s, [beside, *companions])
+    assert beside.output.token_ids == alone.output.token_ids
+
+
+def test_a_stop_token_inside_the_answer_ends_it_and_max_new_tokens_caps_it(llm, checkpoint):
+    ids = prompt(14, 6)
+    expected = transformers_greedy(checkpoint[1], ids, 10)
+    stop = expected[4]
+    s = scheduler(llm, rows=2)
+    stopped = s.submit(Request(ids, 10, stop_token_ids=[stop]))
+    capped = s.submit(Request(ids, 7))
+    run(s, [stopped, capped])
+    assert stopped.output.token_ids == expected[: expected.index(stop)]
+    assert stopped.output.finish_reason == "stop"
+    assert capped.output.token_ids == expected[:7] and capped.output.finish_reason == "length"
+
+
+def test_logprobs_are_the_log_softmax_of_a_full_forward(llm, checkpoint):
+    ids = prompt(15, 5)
+    s = scheduler(llm, rows=2)
+    job = s.submit(Request(ids, 6, logprobs=3))
+    other = s.submit(Request(prompt(16, 9), 6))  # (a row without logprobs beside it)
+    run(s, [job, other])
+    tokens = job.output.token_ids
+    with torch.no_grad():
+        logits = checkpoint[1](torch.tensor([ids + tokens])).logits[0].float()
+    expected = logits.log_softmax(-1)[len(ids) - 1: -1]  # [6, V]: the distribution each new token was drawn from
+    for step, entry in enumerate(job.output.logprobs):
+        assert entry.token == tokens[step]
+        assert entry.logprob == pytest.approx(expected[step, tokens[step]].item(), abs=1e-4)
+        top = expected[step].topk(3)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert other.output.logprobs == []
+
+
+def test_a_request_longer_than_the_cache_is_refused_when_submitted(llm):
+    s = scheduler(llm, rows=1, length=32)
+    with pytest.raises(ValueError, match="needs 40 positions, more than the 32"):
+        s.submit(Request(prompt(17, 30), 10))
+
+
+def test_more_waiting_requests_than_the_limit_raise_queue_full(llm):
+    s = scheduler(llm, rows=1, max_waiting=2)
+    for i in range(2):
+        s.submit(Request(prompt(18 + i, 3), 2))
+    with pytest.raises(QueueFull):
+        s.submit(Request(prompt(20, 3), 2))
