@@ -53,7 +53,7 @@ COMMAND_EXAMPLES = {
     "serve": ["llama serve                                   (the demo model at http://127.0.0.1:8000)",
               "llama serve --model meta-llama/Llama-3.1-8B-Instruct --max-batch-size 64 --compile",
               "curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
-              "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}]}'"],
+              "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}], \"max_tokens\": 64}'"],
     "quantize": ["llama quantize --model meta-llama/Llama-3.1-8B-Instruct --quantize int8 --out ./llama-8b-int8"],
     "perplexity": ["llama perplexity --text wiki.test.raw",
                    "llama perplexity --model ./Llama-3.1-8B --quantize int4 --reference --text wiki.test.raw"],

@@ -173,8 +173,9 @@ class Scheduler:
         self.running: dict[int, Job] = {}  # slot -> job
         self.free = list(range(self.slots))  # a heap: the lowest free row first keeps the batch compact
         self.launches: deque[_Launch] = deque()
-        self.tokens = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # each row's latest token
-        self.positions = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # where it goes
+        with torch.inference_mode():  # (as the tensors made in `step`: a compiled step would recompile for others)
+            self.tokens = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # each row's latest token
+            self.positions = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # where it goes
         self._advancing: tuple[tuple, Tensor] | None = None  # rows that move on at a step: 1, the others 0
         self.seen: Tensor | None = None  # [slots, V] bool, tokens each row has seen (for repetition penalties)
         self.lock = threading.Lock()
