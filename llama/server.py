@@ -48,6 +48,10 @@ from llama.scheduler import MAX_LOGPROBS, Job, QueueFull, Request, Scheduler, Up
 
 log = logging.getLogger("llama.server")
 MAX_CHOICES = 16  # `n`, the choices per prompt
+# OpenAI fields this server does not implement, with the values that ask for nothing (anything else is a 400)
+UNSUPPORTED = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []),
+               "functions": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
+               "audio": (None,), "modalities": (None, ["text"])}
 
 
 class BadRequest(Exception):
@@ -217,6 +221,9 @@ def _parse_common(body: dict, prompts: list[list[int]], chat: bool) -> Parsed:
             raise BadRequest(f"{name} is not supported (use repetition_penalty)", name)
     if _field(body, "logit_bias", {}, kind=dict):
         raise BadRequest("logit_bias is not supported", "logit_bias")
+    for name, off in UNSUPPORTED.items():  # (fields that would change the answer: refused, not ignored)
+        if body.get(name) not in off:
+            raise BadRequest(f"{name} is not supported", name)
     try:
         stop = check_stop(body.get("stop"))
     except ArgumentError as e:
@@ -459,6 +466,7 @@ class Reply:
         self.tokenizer, self.parsed = tokenizer, parsed
         self.created = int(time.time())
         self.sent = [0] * len(jobs)  # per choice, tokens already streamed
+        self.text_offset = [0] * len(jobs)  # per choice, characters of token text already given offsets
 
     def head(self, chunk: bool = False) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -477,7 +485,7 @@ class Reply:
         for index, job in enumerate(self.jobs):
             output = job.output
             choice: dict[str, Any] = {"index": index, "finish_reason": output.finish_reason or "length",
-                                      "logprobs": self.logprobs(output.logprobs)}
+                                      "logprobs": self.logprobs(index, output.logprobs)}
             text = output.text if self.tokenizer else ""
             choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
             if self.tokenizer is None:  # (token ids only: the model has no tokenizer to make text)
@@ -498,7 +506,7 @@ class Reply:
             ids, entries = output.token_ids[new], output.logprobs[new] if output.logprobs else []
             if not (update.text or update.finish_reason or (self.tokenizer is None and ids)):
                 return None
-            choice = {"index": index, "logprobs": self.logprobs(entries) if entries else None,
+            choice = {"index": index, "logprobs": self.logprobs(index, entries) if entries else None,
                       "finish_reason": update.finish_reason}
             if self.chat:
                 choice["delta"] = {"content": update.text} if update.text else {}
@@ -511,7 +519,7 @@ class Reply:
             chunk["usage"] = None
         return chunk
 
-    def logprobs(self, entries) -> dict | None:
+    def logprobs(self, index: int, entries) -> dict | None:
         """OpenAI's shapes: for chat, a list of {token, logprob, bytes, top_logprobs}; for completions, parallel
         lists of tokens, logprobs and {token: logprob} maps."""
         if self.parsed.logprobs is None:
@@ -524,8 +532,13 @@ class Reply:
             return {"content": [{"token": text(e.token), "logprob": e.logprob, "bytes": list(text(e.token).encode()),
                                  "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(text(t).encode())}
                                                   for t, v in e.top]} for e in entries]}
-        return {"tokens": [text(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{text(t): v for t, v in e.top} for e in entries], "text_offset": []}
+        tokens = [text(e.token) for e in entries]
+        offsets = []  # where each token's text starts in the answer (its tokens' texts, end to end)
+        for token in tokens:
+            offsets.append(self.text_offset[index])
+            self.text_offset[index] += len(token)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{text(t): v for t, v in e.top} for e in entries], "text_offset": offsets}
 
 
 async def _events(reply: Reply, queue: asyncio.Queue, engine: Engine) -> AsyncIterator[str]:

@@ -357,7 +357,7 @@ def serve_and_measure(args: argparse.Namespace) -> None:
               f"({alone / static['batch_tok_s']:.2f} of the static batch's)", flush=True)
     print(f"serving at {url}", flush=True)
     scheduler = app.state.engine.scheduler
-    results = {}
+    runs = []
     with tempfile.TemporaryDirectory() as folder:
         json_path = str(Path(folder) / "clients.json")
         try:
@@ -372,14 +372,15 @@ def serve_and_measure(args: argparse.Namespace) -> None:
                 steps, tokens = scheduler.decode_steps - steps, scheduler.decoded_tokens - tokens
                 print(f"engine, warm-ups included: {tokens / (time.perf_counter() - start):.0f} tok/s decoded, "
                       f"{tokens / max(steps, 1):.1f} rows per decode step", flush=True)
-                results[f"{processes}:{interval}"] = rows = json.loads(Path(json_path).read_text())["rows"]
+                rows = json.loads(Path(json_path).read_text())["rows"]
+                runs.append({"client_processes": processes, "switch_interval": interval, "rows": rows})
                 if static:
                     compare(rows, static)
         finally:
             server.should_exit = True
             thread.join(timeout=60)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": results, "static": static}, indent=1))
+        Path(args.json).write_text(json.dumps({"runs": runs, "static": static}, indent=1))
 
 
 def compare(rows: list[dict], static: dict) -> None:

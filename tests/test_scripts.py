@@ -72,7 +72,7 @@ def test_bench_serve_streams_every_answer_in_full_from_the_in_process_server(tmp
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "out.json").read_text())["runs"][0]["rows"]
     assert [row["clients"] for row in rows] == [1, 3]
     for row in rows:
         assert row["requests"] == 2 * row["clients"]

@@ -261,6 +261,7 @@ def test_completion_logprobs_are_the_log_softmax_of_the_logits(client, reference
         expected_top = {decode([t]): v for t, v in zip(top.indices.tolist(), top.values.tolist())}
         assert got.top_logprobs[step] == pytest.approx(expected_top, abs=LOGPROB_TOLERANCE)
         assert max(got.top_logprobs[step], key=got.top_logprobs[step].get) == got.tokens[step]  # greedy: the top
+    assert got.text_offset == [len("".join(got.tokens[:step])) for step in range(len(generated))]
 
 
 def test_chat_logprobs_are_the_log_softmax_of_the_logits(client, reference):
@@ -299,6 +300,10 @@ BAD_REQUESTS = [
     ("messages not a list", CHAT, {"messages": "hi"}, 400, "messages", "messages"),
     ("a token id outside the vocabulary", COMPLETIONS, {"prompt": [1, 2, 49152]}, 400, "prompt", "49152"),
     ("n=2 with temperature 0", COMPLETIONS, {"prompt": "hi", "n": 2, "temperature": 0}, 400, "n", "temperature"),
+    ("echo (not supported)", COMPLETIONS, {"prompt": "hi", "echo": True}, 400, "echo", "not supported"),
+    ("tools (not supported)", CHAT, {"messages": [{"role": "user", "content": "hi"}],
+                                     "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "not supported"),
     ("an unknown endpoint", "/v1/engines", None, 404, None, "/v1/engines"),
 ]
 
