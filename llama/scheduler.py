@@ -22,6 +22,7 @@ that row's extra token is dropped. The batch a decode step runs is the occupied 
 from __future__ import annotations
 
 import heapq
+import os
 import threading
 import time
 from collections import deque
@@ -168,7 +169,8 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         self.max_waiting = max_waiting
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        # (no seed: one from the OS; torch.seed() would also reseed the caller's global generator)
+        self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self.waiting: deque[Job] = deque()
         self.running: dict[int, Job] = {}  # slot -> job
         self.free = list(range(self.slots))  # a heap: the lowest free row first keeps the batch compact
@@ -179,7 +181,7 @@ class Scheduler:
         self._advancing: tuple[tuple, Tensor] | None = None  # rows that move on at a step: 1, the others 0
         self.seen: Tensor | None = None  # [slots, V] bool, tokens each row has seen (for repetition penalties)
         self.lock = threading.Lock()
-        self._row_params: tuple[tuple, RowParams, Tensor] | None = None
+        self._row_params: tuple[tuple[Job | None, ...], RowParams, Tensor] | None = None
         self.decode_steps = 0
         self.decoded_tokens = 0  # tokens produced by decode steps (rows generating, summed over steps)
 
@@ -273,7 +275,7 @@ class Scheduler:
         rows: list[Job | None] = [self.running.get(slot) for slot in range(B)]
         span = max(job.position for job in self.running.values()) + 1
         # The rows' parameters, and which rows advance, go to the device when the rows change, not at every step
-        key = tuple(id(job) for job in rows)
+        key = tuple(rows)  # (the jobs themselves, compared by identity: an id() can be reused by a later job)
         if self._row_params is None or self._row_params[0] != key:
             params = RowParams.of([job.request.params if job else SamplingParams() for job in rows], self.device)
             top_k = torch.where(params.top_k > 0, params.top_k, self.vocab_size)[:, 0]  # (no top-k: k = V)

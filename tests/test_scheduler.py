@@ -158,3 +158,12 @@ def test_more_waiting_requests_than_the_limit_raise_queue_full(llm):
         s.submit(Request(prompt(18 + i, 3), 2))
     with pytest.raises(QueueFull):
         s.submit(Request(prompt(20, 3), 2))
+
+
+def test_unseeded_sampling_neither_repeats_nor_moves_the_callers_random_state(llm):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    runs = [llm.generate(prompt(21, 4), max_new_tokens=12, temperature=1.0)[0].token_ids for _ in range(2)]
+    assert torch.equal(torch.rand(3), expected)  # the caller's global generator was neither drawn from nor reseeded
+    assert runs[0] != runs[1]
