@@ -31,9 +31,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,10 +69,10 @@ class BadRequest(Exception):
 
 # ---------------------------------------------------------------------------- the engine
 class Engine:
-    """The scheduler, stepped while requests are in flight: by `run`, on the thread that calls it (`serve`: the main
-    thread), or with `own_thread` by a thread of its own that starts and stops with the app."""
+    """The scheduler, stepped by `run` while requests are in flight, on the thread that calls it (`serve`: the main
+    thread, while uvicorn's event loop runs in another)."""
 
-    def __init__(self, llm: Llama, max_batch_size: int, max_waiting: int, own_thread: bool = True):
+    def __init__(self, llm: Llama, max_batch_size: int, max_waiting: int):
         llm._ensure_cache(max_batch_size, llm.max_seq_len)
         self.llm = llm
         self.scheduler = Scheduler(llm.model, llm._decode_step, llm.tokenizer, llm.eos_token_ids,
@@ -83,15 +81,11 @@ class Engine:
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, set when it starts
         self.lock = threading.Lock()
         self.work = threading.Event()
-        self.calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self.stopping = False
-        self.thread = threading.Thread(target=self.run, name="llama-engine", daemon=True) if own_thread else None
 
     def start(self) -> None:
         """At the app's startup, on its event loop."""
         self.loop = asyncio.get_running_loop()
-        if self.thread is not None:
-            self.thread.start()
 
     def submit(self, request: Request, queue: asyncio.Queue[Update]) -> Job:
         """Queue a request; each time it moves on, an `Update` is put in `queue` (the last with its
@@ -108,15 +102,6 @@ class Engine:
         self.scheduler.cancel(job)
         self.work.set()
 
-    def call(self, function: Callable[[], Any]) -> Any:
-        """Run `function` on the engine's thread, between steps, and return its result. Whatever runs the compiled
-        decode step should run there: CUDA graph trees are kept per thread, and graphs recorded by two threads
-        for one function break each other (scripts/bench_serve.py measures its static baseline this way)."""
-        future: Future = Future()
-        self.calls.append((function, future))
-        self.work.set()
-        return future.result()
-
     def stop(self) -> None:
         """Cancel whatever is still in flight and end `run`."""
         with self.lock:
@@ -125,18 +110,10 @@ class Engine:
             self.cancel(job)
         self.stopping = True
         self.work.set()
-        if self.thread is not None and self.thread.is_alive():
-            self.thread.join(timeout=60)
 
     def run(self, until: Callable[[], bool] = lambda: False) -> None:
         """Step the scheduler while there is work, until `stop` (or `until()`)."""
         while not (self.stopping or until()):
-            while self.calls:
-                function, future = self.calls.popleft()
-                try:
-                    future.set_result(function())
-                except BaseException as e:  # (the caller's to handle)
-                    future.set_exception(e)
             if not self.scheduler.busy:
                 self.work.wait(timeout=1.0)
                 self.work.clear()
@@ -262,11 +239,11 @@ def _is_ids(value: Any) -> bool:
 
 # ---------------------------------------------------------------------------- the app
 def make_app(llm: Llama, served_model_name: str, max_batch_size: int, max_waiting: int = 256,
-             api_key: str | None = None, engine_thread: bool = True) -> Starlette:
-    """The ASGI app serving `llm` under `served_model_name` (its engine: `app.state.engine`). With `engine_thread`
-    the engine steps in a thread that starts with the app (lifespan); else the caller runs `engine.run()`. When
-    the server shuts down, what is still in flight is cancelled and the engine stops."""
-    engine = Engine(llm, max_batch_size, max_waiting, own_thread=engine_thread)
+             api_key: str | None = None) -> Starlette:
+    """The ASGI app serving `llm` under `served_model_name`; its engine, `app.state.engine`, is the caller's to run
+    (`engine.run()`, best on the main thread: see `serve`). When the server shuts down, what is still in flight is
+    cancelled and `run` returns."""
+    engine = Engine(llm, max_batch_size, max_waiting)
     tokenizer, vocab_size = llm.tokenizer, llm.config.vocab_size
     created = int(time.time())
     state = {"shutting_down": False}
@@ -602,10 +579,11 @@ def serve(llm: Llama, host: str, port: int, served_model_name: str, max_batch_si
 
     The engine steps on this (the main) thread and uvicorn's event loop runs in another: compiled CPU kernels ran
     at ~22 tok/s on the demo model from a second thread against ~37-43 from the main one (same code, no
-    recompilation), and on a GPU the CUDA graphs stay with the thread that compiled the model."""
+    recompilation), and on a GPU CUDA graph trees are kept per thread: graphs recorded from two threads for one
+    compiled step broke each other (AssertionError), so whatever runs the model should run here."""
     import uvicorn
 
-    app = make_app(llm, served_model_name, max_batch_size, max_waiting, api_key, engine_thread=False)
+    app = make_app(llm, served_model_name, max_batch_size, max_waiting, api_key)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:

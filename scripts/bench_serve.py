@@ -235,7 +235,7 @@ def run_clients(args: argparse.Namespace) -> list[dict]:
 
 # ---------------------------------------------------------------------------- the server and the static figures
 def make_server_app(llm, args: argparse.Namespace):
-    """The server's Starlette app over an already-built engine."""
+    """The server's Starlette app over an already-built model (its engine is run by this script's main thread)."""
     from llama.server import make_app
 
     return make_app(llm, served_model_name=args.served_model_name, max_batch_size=args.max_batch_size)
@@ -343,15 +343,14 @@ def serve_and_measure(args: argparse.Namespace) -> None:
 
     app = make_server_app(llm, args)
     server, thread, url = start_server(app, args.host)
-    # (on the server's engine thread, where its CUDA graphs will be recorded too: see llama.server.Engine.call)
-    static = app.state.engine.call(lambda: static_figures(llm, args, max(args.clients))) if args.compare else None
+    # (everything that runs the model runs on this, the main, thread, as under `llama serve`: see llama.server.serve)
+    static = static_figures(llm, args, max(args.clients)) if args.compare else None
     if static:
         print(json.dumps(static), flush=True)
         # The same workload without HTTP: the scheduler stepped directly, a new request as soon as one finishes
         requests = draw_requests(max(args.clients) * args.requests, args.prompt_len, args.answer_len,
                                  args.vocab_size, args.seed + 1)
-        alone = app.state.engine.call(lambda: scheduler_alone(app.state.engine.scheduler, requests,
-                                                              max(args.clients)))
+        alone = scheduler_alone(app.state.engine.scheduler, requests, max(args.clients))
         static["scheduler_tok_s"] = alone
         print(f"scheduler alone, {max(args.clients)} requests in flight: {alone:.1f} tok/s "
               f"({alone / static['batch_tok_s']:.2f} of the static batch's)", flush=True)
@@ -366,7 +365,8 @@ def serve_and_measure(args: argparse.Namespace) -> None:
                 print(f"clients in {processes} process(es); the server's switch interval {interval * 1e3:g} ms",
                       flush=True)
                 steps, tokens, start = scheduler.decode_steps, scheduler.decoded_tokens, time.perf_counter()
-                clients = subprocess.run(client_command(args, url, json_path, processes))
+                clients = subprocess.Popen(client_command(args, url, json_path, processes))
+                app.state.engine.run(until=lambda: clients.poll() is not None)  # (serving while the clients run)
                 if clients.returncode != 0:
                     sys.exit(f"the clients failed (exit code {clients.returncode}; their error is above)")
                 steps, tokens = scheduler.decode_steps - steps, scheduler.decoded_tokens - tokens
