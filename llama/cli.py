@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # (a bad flag: one line, exit code 2, see _Parser.error)
     debug = args.debug
     try:
-        debug = _environment_flag("LLAMA_DEBUG") or debug
+        debug = args.debug = _environment_flag("LLAMA_DEBUG") or debug
         _environment_flag("HF_HUB_OFFLINE")
         for name in ("HF_HOME", "HF_HUB_CACHE"):
             if os.environ.get(name) and Path(os.environ[name]).expanduser().is_file():
@@ -485,7 +485,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"serving {name} at {url} (up to {args.max_batch_size} requests in a batch, {llm.max_seq_len} "
               f"positions each; Ctrl-C to stop)", flush=True)
 
-    serve(llm, args.host, args.port, name, args.max_batch_size, args.max_waiting, args.api_key, ready)
+    serve(llm, args.host, args.port, name, args.max_batch_size, args.max_waiting, args.api_key, ready, args.debug)
     print("stopped", file=sys.stderr)
     return 0
 

@@ -24,10 +24,9 @@ from __future__ import annotations
 import heapq
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -120,8 +119,6 @@ class Job:
     request: Request
     output: Output
     generator: torch.Generator | None  # its own random stream when it has a seed
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
     slot: int | None = None  # its cache row, once admitted
     position: int = 0  # where the token it decodes next is written
     launched: int = 0  # tokens whose computation has been launched (the first comes from the prefill)
@@ -284,7 +281,7 @@ class Scheduler:
         key = tuple(job is not None and job.generating for job in rows)
         if self._advancing is None or self._advancing[0] != key:
             self._advancing = key, to_device(torch.tensor(key, dtype=torch.long), self.device)
-        race = self._race([job for job in rows if job is not None], params, B)
+        race = self._race(rows, params)
         wants_logprobs = any(job.request.logprobs is not None for job in generating)
         token, position = self.tokens[:B, None], self.positions[:B, None]  # [B, 1] each
         if getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda" and not wants_logprobs \
@@ -306,17 +303,17 @@ class Scheduler:
         self._launch([(job, job.slot) for job in generating], self.tokens[:B].clone(),
                      logits if wants_logprobs else None)
 
-    def _race(self, jobs: list[Job], params: RowParams, rows: int | None = None) -> Tensor | None:
-        """The random draws of a step, [rows, V] (None when no row samples): the scheduler's stream for all
-        rows, then each seeded job's row from its own stream (so that a seed repeats a job's output whatever else
-        runs beside it). `jobs` are the rows' jobs, in order, or for a decode step the jobs by slot."""
+    def _race(self, rows: Sequence[Job | None], params: RowParams) -> Tensor | None:
+        """The random draws of a step for these rows (None: a free row), [len(rows), V], or None when no row
+        samples: the scheduler's stream for all rows, then each seeded job's row from its own stream (so that a
+        seed repeats a job's output whatever else runs beside it)."""
         if "sampling" not in params.uses:
             return None
-        n = rows or len(jobs)
-        race = exponential_race((n, self.vocab_size), self.device, self.generator)
-        for index, job in enumerate(jobs):
-            if job.generator is not None and job.request.params.temperature > 0 and job.generating:
-                race[job.slot if rows else index] = exponential_race((self.vocab_size,), self.device, job.generator)
+        race = exponential_race((len(rows), self.vocab_size), self.device, self.generator)
+        for index, job in enumerate(rows):
+            if job is not None and job.generator is not None and job.request.params.temperature > 0 \
+                    and job.generating:
+                race[index] = exponential_race((self.vocab_size,), self.device, job.generator)
         return race
 
     def _launch(self, jobs: list[tuple[Job, int]], chosen: Tensor, logits: Tensor | None) -> None:
@@ -336,7 +333,6 @@ class Scheduler:
         while len(self.launches) > lag:
             launch = self.launches.popleft()
             tensors = launch.read()  # the only host synchronisation
-            now = time.perf_counter()
             for job, index in launch.jobs:
                 if job.done:
                     continue
@@ -344,7 +340,6 @@ class Scheduler:
                     self._retire(job)
                     continue
                 job.received += 1
-                job.first_token_at = job.first_token_at or now
                 logprob = None
                 if job.request.logprobs is not None and len(tensors) > 1:
                     token, n = tensors[0][index], job.request.logprobs

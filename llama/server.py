@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -72,11 +71,10 @@ class Engine:
     """The scheduler, stepped by `run` while requests are in flight, on the thread that calls it (`serve`: the main
     thread, while uvicorn's event loop runs in another)."""
 
-    def __init__(self, llm: Llama, max_batch_size: int, max_waiting: int):
+    def __init__(self, llm: Llama, max_batch_size: int, max_waiting: int, debug: bool = False):
         llm._ensure_cache(max_batch_size, llm.max_seq_len)
-        self.llm = llm
-        self.scheduler = Scheduler(llm.model, llm._decode_step, llm.tokenizer, llm.eos_token_ids,
-                                   max_waiting=max_waiting)
+        self.llm, self.max_waiting, self.debug = llm, max_waiting, debug
+        self.scheduler = self._new_scheduler()
         self.queues: dict[Job, asyncio.Queue[Update]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, set when it starts
         self.lock = threading.Lock()
@@ -121,10 +119,10 @@ class Engine:
             try:
                 updates = self.scheduler.step()
             except Exception as e:  # (out of memory, say): fail what is in flight, keep serving
-                if os.environ.get("LLAMA_DEBUG", "").lower() in ("1", "true", "yes", "on"):
+                if self.debug:
                     log.error("generation failed:\n%s", "".join(traceback.format_exception(e)))
                 else:
-                    log.error("generation failed: %s (LLAMA_DEBUG=1 shows the traceback)",
+                    log.error("generation failed: %s (--debug or LLAMA_DEBUG=1 shows the traceback)",
                               "".join(traceback.format_exception_only(e)).strip())
                 self._fail_all(e)
                 continue
@@ -140,13 +138,16 @@ class Engine:
         """After a failed step: every job in flight ends with the error, and a fresh scheduler takes over."""
         with self.lock:
             queues, self.queues = self.queues, {}
-            old = self.scheduler
-            self.scheduler = Scheduler(self.llm.model, self.llm._decode_step, self.llm.tokenizer,
-                                       self.llm.eos_token_ids, max_waiting=old.max_waiting)
+            self.scheduler = self._new_scheduler()
         for job in queues:
             job.done, job.error = True, error
         self.loop.call_soon_threadsafe(_deliver, [(queue, Update(job, "", "error", len(job.output.token_ids)))
                                                   for job, queue in queues.items()])
+
+
+    def _new_scheduler(self) -> Scheduler:
+        llm = self.llm
+        return Scheduler(llm.model, llm._decode_step, llm.tokenizer, llm.eos_token_ids, max_waiting=self.max_waiting)
 
 
 def _deliver(deliveries: list[tuple[asyncio.Queue, Update]]) -> None:
@@ -239,14 +240,13 @@ def _is_ids(value: Any) -> bool:
 
 # ---------------------------------------------------------------------------- the app
 def make_app(llm: Llama, served_model_name: str, max_batch_size: int, max_waiting: int = 256,
-             api_key: str | None = None) -> Starlette:
+             api_key: str | None = None, debug: bool = False) -> Starlette:
     """The ASGI app serving `llm` under `served_model_name`; its engine, `app.state.engine`, is the caller's to run
     (`engine.run()`, best on the main thread: see `serve`). When the server shuts down, what is still in flight is
     cancelled and `run` returns."""
-    engine = Engine(llm, max_batch_size, max_waiting)
+    engine = Engine(llm, max_batch_size, max_waiting, debug)
     tokenizer, vocab_size = llm.tokenizer, llm.config.vocab_size
     created = int(time.time())
-    state = {"shutting_down": False}
 
     def tokens_of(prompt: Any, param: str) -> list[int]:
         if isinstance(prompt, str):
@@ -342,7 +342,7 @@ def make_app(llm: Llama, served_model_name: str, max_batch_size: int, max_waitin
         return jobs
 
     async def generate(request: HTTPRequest, chat: bool) -> Response:
-        if state["shutting_down"]:
+        if engine.stopping:
             raise BadRequest("the server is shutting down", status=503, kind="server_error")
         body = await body_of(request)
         prompts = chat_prompt(body) if chat else completion_prompts(body)
@@ -384,7 +384,7 @@ def make_app(llm: Llama, served_model_name: str, max_batch_size: int, max_waitin
                                                          "max_model_len": llm.max_seq_len}]})
 
     async def health(request: HTTPRequest) -> Response:
-        if state["shutting_down"]:
+        if engine.stopping:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -394,19 +394,18 @@ def make_app(llm: Llama, served_model_name: str, max_batch_size: int, max_waitin
     async def method_not_allowed(request: HTTPRequest, exc: Exception) -> Response:
         return BadRequest(f"{request.method} is not allowed on {request.url.path}", status=405).response()
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine.start()
         yield
-        state["shutting_down"] = True
         engine.stop()
 
     app = Starlette(routes=[Route("/health", health), Route("/v1/models", models),
                             Route("/v1/completions", completions, methods=["POST"]),
                             Route("/v1/chat/completions", chat_completions, methods=["POST"])],
                     exception_handlers={404: not_found, 405: method_not_allowed},
-                    lifespan=_context(lifespan))
+                    lifespan=lifespan)
     app.state.engine = engine
-    app.state.shutting_down = state
     if api_key is not None:
         app.add_middleware(_BearerToken, api_key=api_key)
     return app
@@ -417,10 +416,6 @@ async def _answering(work) -> Response:
         return await work
     except BadRequest as e:
         return e.response()
-
-
-def _context(lifespan):
-    return contextlib.asynccontextmanager(lifespan)
 
 
 class _BearerToken:
@@ -572,10 +567,13 @@ def _sse(data: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- running it
+GRACE_SECONDS = 30  # how long a shutdown waits for the requests in flight
+
+
 def serve(llm: Llama, host: str, port: int, served_model_name: str, max_batch_size: int, max_waiting: int,
-          api_key: str | None, on_ready: Callable[[str], None]) -> None:
+          api_key: str | None, on_ready: Callable[[str], None], debug: bool = False) -> None:
     """Serve until Ctrl-C or SIGTERM: then stop accepting, let the requests in flight finish (up to
-    GRACE_SECONDS, then cancel them) and return.
+    GRACE_SECONDS, then cancel them) and return. With `debug`, a failed step logs its traceback.
 
     The engine steps on this (the main) thread and uvicorn's event loop runs in another: compiled CPU kernels ran
     at ~22 tok/s on the demo model from a second thread against ~37-43 from the main one (same code, no
@@ -583,7 +581,7 @@ def serve(llm: Llama, host: str, port: int, served_model_name: str, max_batch_si
     compiled step broke each other (AssertionError), so whatever runs the model should run here."""
     import uvicorn
 
-    app = make_app(llm, served_model_name, max_batch_size, max_waiting, api_key)
+    app = make_app(llm, served_model_name, max_batch_size, max_waiting, api_key, debug)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -612,8 +610,6 @@ def serve(llm: Llama, host: str, port: int, served_model_name: str, max_batch_si
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-
-GRACE_SECONDS = 30
 
 
 def _url_host(host: str) -> str:
