@@ -13,11 +13,12 @@ from torch import Tensor
 
 from llama.arguments import DEVICE_TYPES, ArgumentError, check, check_device_name, check_stop, spelled
 from llama.config import ConfigError, ModelConfig, read_json
-from llama.generate import GenerationResult, SamplingParams, decode_step
+from llama.generate import GenerationResult, SamplingParams, decode_step, verify_step
 from llama.hub import resolve_model
-from llama.model import Transformer
+from llama.model import Linear, Transformer
 from llama.quant import QuantizationConfig
 from llama.scheduler import Output, Request, Scheduler
+from llama.speculative import DEFAULT_SPECULATIVE_TOKENS, PROMPT_LOOKUP, DraftModel, PromptLookup, check_draft
 from llama.tokenizer import Tokenizer, load_tokenizer
 from llama.tp import TensorParallel, shared_seed
 from llama.weights import CheckpointError, find_checkpoint, load_model
@@ -42,15 +43,25 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     new_tokens: int = 0  # kept, over all rows
     decode_seconds: float = 0.0
-    decode_steps: int = 0  # decode forward passes after the prefill
+    decode_steps: int = 0  # decode (or verify) forward passes after the prefill
     decoded_tokens: int = 0  # tokens those passes produced (rows still generating, summed over the steps)
     rows: int = 1
+    proposed_tokens: int = 0  # speculative decoding: tokens proposed to verify steps
+    accepted_tokens: int = 0  # and those of them kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else None
 
     def summary(self) -> str:
         prefill = self.prompt_tokens / max(self.prefill_seconds, 1e-9)
         decode = self.decoded_tokens / max(self.decode_seconds, 1e-9)
-        return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s ({prefill:.1f} tok/s); "
+        line = (f"prefill: {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s ({prefill:.1f} tok/s); "
                 f"decode: {self.new_tokens} tokens in {self.decode_seconds:.2f} s ({decode:.1f} tok/s)")
+        if self.proposed_tokens:
+            line += (f"; speculation: {self.accepted_tokens} of {self.proposed_tokens} proposed tokens accepted "
+                     f"({self.acceptance_rate:.0%})")
+        return line
 
 
 def default_device_and_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None,
@@ -123,6 +134,7 @@ class CompiledDecodeStep:
         if hasattr(torch._inductor.config.triton, "enable_pdl"):  # (torch >= 2.10)
             torch._inductor.config.triton.enable_pdl = True
         self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+        self.verify_graph: Callable[..., Tensor] | None = None  # compiled at the first speculative step
         self.constants: dict[tuple, Tensor] = {}
 
     chooses_tokens = True  # on a GPU the scheduler lets the step choose the tokens (`generate.pick`)
@@ -149,6 +161,17 @@ class CompiledDecodeStep:
             top_k = self._constant(("k", B, V), lambda: torch.full((B,), V, device=token.device))
         return self.step(model, token, position, True, race, temperature, top_k, kth_largest, span=span)
 
+    def verify(self, model: Transformer, tokens: Tensor, positions: Tensor, span: int) -> Tensor:
+        """`generate.verify_step` (speculative decoding's k + 1 tokens a row), as a CUDA graph of its own on a GPU
+        (one per batch size, k and span, the span rounded as the decode step's); on a CPU eagerly, around the
+        layers compiled for a few tokens (`compile_layers`)."""
+        if not tokens.is_cuda:
+            return verify_step(model, tokens, positions, span)
+        if self.verify_graph is None:
+            self.verify_graph = torch.compile(verify_step, mode="reduce-overhead", fullgraph=True)
+        span = power_of_two_positions(span, model.layers[0].attention.cache.k.shape[2])
+        return self.verify_graph(model, tokens, positions, span)
+
     def _constant(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
         if key not in self.constants:
             self.constants[key] = make()
@@ -170,8 +193,9 @@ def compile_layers(model: Transformer) -> None:
         for layer in model.layers:
             layer.compile(dynamic=True)
         return
-    for module in (*model.layers, model.lm_head):
-        module.forward = _compiled_for_one_token(module.forward)
+    for layer in model.layers:
+        layer.forward = _compiled_for_decode(layer.forward, lambda x, *args: args[3] is not None)
+    model.lm_head.forward = _compiled_for_decode(model.lm_head.forward, lambda x: True)
     device = model.embed_tokens.weight.device
     model.setup_cache(1, SHORTEST_CACHE)
     with torch.inference_mode():  # two steps: at the second, the span read changes and Dynamo makes it dynamic
@@ -181,14 +205,19 @@ def compile_layers(model: Transformer) -> None:
     model.clear_cache()
 
 
-def _compiled_for_one_token(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """A module's forward, compiled for inputs x [B, 1, C] (a decode step), eager for any other shape."""
+def _compiled_for_decode(forward: Callable[..., Tensor], verifying: Callable[..., bool]) -> Callable[..., Tensor]:
+    """A module's forward, compiled for inputs x [B, 1, C] (a decode step) and [B, T <= Linear.SMALL, C] when
+    `verifying(x, *args)` (a speculative verify step, whose layers get a mask; a prefill's get none), eager for
+    any other shape."""
     compiled = torch.compile(forward, fullgraph=True)
 
-    def one_token_compiled(x: Tensor, *args) -> Tensor:
-        return compiled(x, *args) if x.dim() == 3 and x.shape[1] == 1 else forward(x, *args)
+    def decode_compiled(x: Tensor, *args) -> Tensor:
+        T = x.shape[1] if x.dim() == 3 else 0
+        if T == 1 or (1 < T <= Linear.SMALL and verifying(x, *args)):
+            return compiled(x, *args)
+        return forward(x, *args)
 
-    return one_token_compiled
+    return decode_compiled
 
 
 class Llama:
@@ -307,6 +336,8 @@ class Llama:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stop_token_ids: int | Sequence[int] | None = None,
+        draft: str | Llama | None = None,
+        num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
     ) -> list[GenerationResult]:
         """Continue each prompt (a string or a list of token ids), in one batch; one result per prompt.
 
@@ -314,12 +345,20 @@ class Llama:
         of a row stops at any end-of-sequence id of the checkpoint, at `stop_token_ids`, or when its text contains
         one of the `stop` strings (the text is cut before it); `.token_ids` never include the stop token. One stop
         string may be given as a str. Every argument is checked first: a ValueError names the first bad one.
+
+        draft: speculative decoding (speculative.py): "prompt-lookup" (proposals copied from the prompt and the
+        answer so far), or a smaller model with the same vocabulary (a `Llama` loaded on the same device),
+        proposing `num_speculative_tokens` tokens a step. The output is the same (greedy: token for token; sampled:
+        in distribution); `stats` counts the proposed and accepted tokens. It pays at small batches on text that
+        the proposals can predict.
         """
         batch = _as_batch(prompts)
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
         arguments = self._checked(max_new_tokens, params, seed, stop, stop_token_ids)
+        speculation = self._speculation(draft, num_speculative_tokens)
         outputs: list[Output] = []
-        for outputs, _ in self._run(batch, arguments[0], params, *arguments[1:], streaming=False):
+        for outputs, _ in self._run(batch, arguments[0], params, *arguments[1:], streaming=False,
+                                    speculation=speculation):
             pass
         return [output.result() for output in outputs]
 
@@ -335,6 +374,8 @@ class Llama:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stop_token_ids: int | Sequence[int] | None = None,
+        draft: str | Llama | None = None,
+        num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
     ) -> Iterator[str]:
         """Like `generate` for one prompt, yielding the text as it is decoded (never half a character). The
         arguments are checked when it is called, not when the first piece is asked for."""
@@ -345,13 +386,50 @@ class Llama:
             raise ValueError("stream needs a tokenizer, and this checkpoint folder has none")
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
         arguments = self._checked(max_new_tokens, params, seed, stop, stop_token_ids)
-        return self._pieces(batch, arguments[0], params, *arguments[1:])
+        speculation = self._speculation(draft, num_speculative_tokens)
+        return self._pieces(batch, arguments[0], params, *arguments[1:], speculation=speculation)
 
     def _pieces(self, batch: list[Prompt], max_new_tokens: int, params: SamplingParams, seed: int | None,
-                stop: list[str], stop_token_ids: list[int]) -> Iterator[str]:
-        for _, pieces in self._run(batch, max_new_tokens, params, seed, stop, stop_token_ids, streaming=True):
+                stop: list[str], stop_token_ids: list[int],
+                speculation: tuple[str | Llama, int] | None) -> Iterator[str]:
+        for _, pieces in self._run(batch, max_new_tokens, params, seed, stop, stop_token_ids, streaming=True,
+                                   speculation=speculation):
             if pieces[0]:
                 yield pieces[0]
+
+    def _speculation(self, draft: str | Llama | None, num_speculative_tokens: int) -> tuple[str | Llama, int] | None:
+        """The speculative decoding arguments, checked: None (off), or (draft, k)."""
+        k = check("num_speculative_tokens", num_speculative_tokens)
+        if draft is None:
+            return None
+        if isinstance(draft, str):
+            if draft != PROMPT_LOOKUP:
+                raise ArgumentError(f"draft {draft!r}: pass {PROMPT_LOOKUP!r}, a Llama (a draft model), or None")
+        elif not isinstance(draft, Llama):
+            raise ArgumentError(f"draft must be {PROMPT_LOOKUP!r}, a Llama (a draft model) or None, got "
+                                f"{type(draft).__name__}")
+        elif draft is self or draft.model is self.model:
+            raise ArgumentError("draft: a draft model needs a KV cache of its own; load it separately (for "
+                                "example a smaller model with the same tokenizer)")
+        elif draft.device != self.device:
+            raise ArgumentError(f"draft: it is on {draft.device}, the model on {self.device}: load both on one device")
+        else:
+            check_draft(draft, self.config.vocab_size, self.tokenizer)
+        return draft, k
+
+    def _speculator(self, speculation: tuple[str | Llama, int] | None) -> PromptLookup | DraftModel | None:
+        """The scheduler's proposer for checked speculation arguments (`_speculation`). A draft model's KV cache is
+        set up with this model's rows and length (call after `_ensure_cache`)."""
+        if speculation is None:
+            return None
+        draft, k = speculation
+        if isinstance(draft, str):
+            return PromptLookup(k)
+        if draft._cache_shape != self._cache_shape:
+            draft._release_cache()
+            draft.model.setup_cache(*self._cache_shape)
+            draft._cache_shape = self._cache_shape
+        return DraftModel(draft.model, draft._decode_step, k)
 
     def _checked(self, max_new_tokens: int, params: SamplingParams, seed: int | None, stop: str | Sequence[str] | None,
                  stop_token_ids: int | Sequence[int] | None) -> tuple[int, int | None, list[str], list[int]]:
@@ -368,8 +446,8 @@ class Llama:
         return max_new_tokens, seed, stop, [int(t) for t in stop_token_ids or []]
 
     def _run(self, prompts: list[Prompt], max_new_tokens: int, params: SamplingParams, seed: int | None,
-             stop: Sequence[str] | None, stop_token_ids: Sequence[int] | None,
-             streaming: bool) -> Iterator[tuple[list[Output], list[str]]]:
+             stop: Sequence[str] | None, stop_token_ids: Sequence[int] | None, streaming: bool,
+             speculation: tuple[str | Llama, int] | None = None) -> Iterator[tuple[list[Output], list[str]]]:
         """The shared loop over arguments `_checked` has seen: encode, then the scheduler's steps (scheduler.py)
         until every prompt is done; yields the outputs and the new text of each at every step (at the end only
         when not `streaming`)."""
@@ -382,7 +460,8 @@ class Llama:
                 )
         self._ensure_cache(len(ids), max(map(len, ids)) + max_new_tokens)
         # One random stream for the call's rows (under tensor parallelism every rank must draw the same tokens)
-        scheduler = Scheduler(self.model, self._decode_step, self.tokenizer, self.eos_token_ids, shared_seed(seed))
+        scheduler = Scheduler(self.model, self._decode_step, self.tokenizer, self.eos_token_ids, shared_seed(seed),
+                              speculator=self._speculator(speculation))
         jobs = [scheduler.submit(Request(prompt, max_new_tokens, params, stop=list(stop or ()),
                                          stop_token_ids=list(stop_token_ids or ()))) for prompt in ids]
         row = {job: index for index, job in enumerate(jobs)}
@@ -401,6 +480,8 @@ class Llama:
         finally:  # also when the caller stops early (closes the stream, Ctrl-C): count the tokens it was given
             self.stats.new_tokens = sum(len(output.token_ids) for output in outputs)
             self.stats.decode_steps, self.stats.decoded_tokens = scheduler.decode_steps, scheduler.decoded_tokens
+            self.stats.proposed_tokens = scheduler.proposed_tokens
+            self.stats.accepted_tokens = scheduler.accepted_tokens
             self.stats.decode_seconds = time.perf_counter() - start - self.stats.prefill_seconds
 
     def _encode(self, prompt: Prompt, index: int) -> list[int]:

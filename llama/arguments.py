@@ -37,6 +37,7 @@ RULES = {
     "max_seq_len": Rule(True, lambda v: v >= 1, ">= 1", optional=True),
     "max_batch_size": Rule(True, lambda v: v >= 1, ">= 1", optional=True),
     "context": Rule(True, lambda v: v >= 2, ">= 2"),  # (a window needs a token to score and one before it)
+    "num_speculative_tokens": Rule(True, lambda v: 1 <= v <= 16, "in [1, 16]"),
 }
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 

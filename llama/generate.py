@@ -109,14 +109,42 @@ class RowParams:
                    column([p.repetition_penalty for p in params]), largest_k, frozenset(uses))
 
 
+    def repeat_interleave(self, n: int) -> RowParams:
+        """Each row's parameters n times over, [B * n, 1]: for n positions of each row ([B, n, V] logits viewed as
+        [B * n, V])."""
+        return RowParams(*(t.repeat_interleave(n, dim=0) for t in (self.temperature, self.top_k, self.top_p,
+                                                                    self.min_p, self.repetition_penalty)),
+                         self.largest_k, self.uses)
+
+
 def sample_rows(logits: Tensor, rows: RowParams, seen: Tensor | None, race: Tensor | None) -> Tensor:
     """logits [B, V] (float32), each row with its own parameters -> next tokens [B]. `race` [B, V] holds the
     random draws of the sampled rows (`exponential_race`; None when every row is greedy)."""
+    greedy, probs = _rules_applied(logits, rows, seen, race is not None)
+    if probs is None:
+        return greedy
+    # argmax(p_i / E_i) with E_i ~ Exp(1) draws index i with probability p_i (the "exponential race"); unlike
+    # torch.multinomial it needs no host synchronisation on a GPU.
+    return torch.where(rows.temperature[:, 0] > 0, argmax(probs / race), greedy)
+
+
+def distributions(logits: Tensor, rows: RowParams, seen: Tensor | None) -> Tensor:
+    """The distribution `sample_rows` draws each row's token from, [B, V] float32: the softmax after the rules
+    for a sampled row, all the mass on the argmax for a greedy one (speculative.py accepts or rejects proposed
+    tokens against it)."""
+    greedy, probs = _rules_applied(logits, rows, seen, True)
+    one_hot = F.one_hot(greedy, logits.shape[-1]).to(logits.dtype)
+    return one_hot if probs is None else torch.where(rows.temperature > 0, probs, one_hot)
+
+
+def _rules_applied(logits: Tensor, rows: RowParams, seen: Tensor | None,
+                   sampling: bool) -> tuple[Tensor, Tensor | None]:
+    """-> (the greedy choice [B], the sampled rows' distributions [B, V] or None when no row samples)."""
     if "penalty" in rows.uses and seen is not None:
         logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
     greedy = argmax(logits)
-    if race is None or "sampling" not in rows.uses:
-        return greedy
+    if not sampling or "sampling" not in rows.uses:
+        return greedy, None
     sampled = rows.temperature > 0  # [B, 1]
     logits = logits / torch.where(sampled, rows.temperature, 1.0)
     if "top_k" in rows.uses:  # (a row without top-k holds -largest_k: kept whole)
@@ -127,10 +155,7 @@ def sample_rows(logits: Tensor, rows: RowParams, seen: Tensor | None, race: Tens
         logits = apply_top_p(logits, rows.top_p)
     if "min_p" in rows.uses:
         logits = apply_min_p(logits, rows.min_p)
-    probs = logits.softmax(dim=-1)
-    # argmax(p_i / E_i) with E_i ~ Exp(1) draws index i with probability p_i (the "exponential race"); unlike
-    # torch.multinomial it needs no host synchronisation on a GPU.
-    return torch.where(sampled[:, 0], argmax(probs / race), greedy)
+    return greedy, logits.softmax(dim=-1)
 
 
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:
@@ -196,3 +221,9 @@ def decode_step(model: Transformer, token: Tensor, position: Tensor, in_step: bo
     token on an H100."""
     logits = model(token, input_pos=position, span=span)[:, -1]
     return pick(logits, race, temperature, top_k, kth) if in_step else logits
+
+
+def verify_step(model: Transformer, tokens: Tensor, positions: Tensor, span: int) -> Tensor:
+    """T tokens per row, continuing each row's cache: tokens [B, T] at positions [B, T] -> logits [B, T, V] (the
+    speculative verify step, speculative.py; compiled into a CUDA graph of its own by api.CompiledDecodeStep)."""
+    return model(tokens, input_pos=positions, span=span)

@@ -185,14 +185,19 @@ class KVCache(nn.Module):
 
 # ---------------------------------------------------------------------------- Linear
 class Linear(nn.Linear):
-    """y = x W^T + b, W: [out, in]. nn.Linear, but for one row compiled for a CPU the product is written as the
-    sum over the input features: Inductor turns that into one vectorised loop that streams W from memory at
-    ~26 GB/s on this project's 2-core machine, where torch's matmul (MKL) reads W at ~11 GB/s for one row
-    (docs/benchmarks.md, CPU). A decode step reads every weight once, so this sets the CPU's decode speed."""
+    """y = x W^T + b, W: [out, in]. nn.Linear, but for a few rows compiled for a CPU the product is written as the
+    sum over the input features, output feature by output feature: Inductor turns that into one vectorised loop
+    that streams W from memory at ~26 GB/s on this project's 2-core machine, where torch's matmul (MKL) reads W at
+    ~11 GB/s for one row (docs/benchmarks.md, CPU). A decode step reads every weight once, so this sets the CPU's
+    decode speed; a speculative verify step (a few tokens a row) reads each row of W once for all its tokens."""
+
+    SMALL = 8  # rows (tokens) up to which the CPU's compiled product is written out
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
-            y = (x.unsqueeze(-2) * self.weight).sum(-1)  # [..., 1, in] * [out, in] -> [..., out]
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() <= self.SMALL:
+            rows = x.reshape(1, -1, x.shape[-1])  # [1, N, in]
+            y = (self.weight[:, None, :] * rows).sum(-1).t()  # [out, 1, in] * [1, N, in] -> [out, N] -> [N, out]
+            y = y.reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
@@ -257,14 +262,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         attend = ATTENTION[self.implementation]
-        if self.cache is None or T > 1:
+        if self.cache is None or mask is None:
             # No cache, or a prefill: the prompt starts at position 0 and its tokens see each other causally.
             if self.cache is not None:
                 self.cache.update(input_pos, k, v, rows)
             out = attend(q, k, v, None)  # [B, H, T, D]
         else:
-            # A decode step: the new token of row b (at input_pos[b]) sees the cache slots that `mask` allows. The
-            # mask covers the first L slots only, those in use; the slots beyond are not read at all.
+            # A decode or verify step: the new token t of row b (at input_pos[b, t]) sees the cache slots that `mask`
+            # allows. The mask covers the first L slots only, those in use; the slots beyond are not read at all.
             k_all, v_all = self.cache.update(input_pos, k, v, rows)  # [B, K, S, D]
             L = mask.shape[-1]
             out = attend(q, k_all[:, :, :L], v_all[:, :, :L], mask)  # [B, H, T, D]
@@ -332,14 +337,15 @@ class Transformer(nn.Module):
         """tokens: [B, T] -> logits [B, T, V] (or [B, V] with `logits_at`).
 
         input_pos: None for one full causal forward without a cache. With a cache (`setup_cache`), the positions
-          of the tokens, [T] or [B, T]: a call with T > 1 is a prefill of prompts that start at position 0
-          (rows may be right-padded; padding never influences earlier tokens), a call with T == 1 a decode step
-          in which each row may sit at its own position.
+          of the tokens, [T] or [B, T]: a call with T > 1 and no `span` is a prefill of prompts that start at
+          position 0 (rows may be right-padded; padding never influences earlier tokens), a call with T == 1 a
+          decode step in which each row may sit at its own position, and a call with T > 1 and a `span` a verify
+          step (speculative.py): each row's T tokens continue what its cache holds, from input_pos[b, 0] on.
         logits_at: [B] index into T per row: compute the output projection only there (a prefill needs the
           logits of each prompt's last token, not a [B, T, V] tensor).
-        span: a decode step reads only the first `span` cache slots (at least max(input_pos) + 1), so that its
-          cost follows the positions in use rather than the cache allocated; a plain int, known on the host (the
-          generation loop counts it), so reading it costs no device synchronisation. None: all S slots.
+        span: a decode or verify step reads only the first `span` cache slots (at least max(input_pos) + 1), so
+          that its cost follows the positions in use rather than the cache allocated; a plain int, known on the
+          host (the generation loop counts it), so reading it costs no device synchronisation. None: all S slots.
         rows: [B] the cache rows the batch's rows read and write (prompts prefilled into the free rows of a running
           batch, scheduler.py); None: rows 0..B-1.
         """
@@ -351,10 +357,10 @@ class Transformer(nn.Module):
             positions = input_pos = input_pos.expand(B, T)  # [B, T]
         mask = None
         cache = self.layers[0].attention.cache
-        if cache is not None and T == 1:  # a decode step: row b sees cache slots 0..input_pos[b], in every layer
-            S = cache.k.shape[2]
+        if cache is not None and (T == 1 or span is not None):  # decode or verify: token t of row b sees cache
+            S = cache.k.shape[2]                                   # slots 0..input_pos[b, t], in every layer
             slots = torch.arange(S if span is None else min(span, S), device=tokens.device)  # [L]
-            mask = (slots <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, 1, L]
+            mask = (slots <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
         x = self.embed_tokens(tokens)  # [B, T, C]
         cos, sin = self.rope(positions, x.dtype)  # [B, T, D] each
         for layer in self.layers:

@@ -9,14 +9,16 @@ what else is in the batch (in float32 on a CPU, exactly; bf16 matrix products on
 another batch size).
 
     step():  admit   waiting requests -> free rows: one prefill for all of them, first tokens chosen
-             decode  (when none was admitted) one token for every row still generating (`decode_step`)
+             decode  (when none was admitted) one token for every row still generating (`decode_step`), or
+                     with a speculator, 1 to k + 1 tokens a row from one verify step (speculative.py)
              read    the tokens of earlier launches -> each request's output (text, stop strings, finish)
 
 Nothing in `admit` or `decode` waits for the GPU: positions are counted on the host, and the tokens go back to the
 host through pinned memory. On a GPU `read` takes the tokens of the step before the newest, which the GPU has
 already finished while it works on the newest one, so it is never left idle; a finish is thus seen one step late and
 that row's extra token is dropped. The batch a decode step runs is the occupied rows rounded up to a power of two
-(one CUDA graph per size when compiled).
+(one CUDA graph per size when compiled). A speculative step needs each row's tokens on the host to propose the
+next ones, so it reads them at once.
 """
 
 from __future__ import annotations
@@ -32,8 +34,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llama.generate import GenerationResult, RowParams, SamplingParams, exponential_race, sample_rows, to_device
+from llama.generate import (
+    GenerationResult,
+    RowParams,
+    SamplingParams,
+    exponential_race,
+    sample_rows,
+    to_device,
+    verify_step,
+)
 from llama.model import Transformer
+from llama.speculative import DraftModel, PromptLookup, accept
 from llama.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20  # top log-probabilities a request may ask for (OpenAI's limit)
@@ -146,20 +157,29 @@ class _Launch:
     """A prefill or decode step on its way: the jobs it produced a token for, and the copy of those tokens."""
 
     jobs: list[tuple[Job, int]]  # (job, its index in the tensors below)
-    read: Callable[[], list]  # waits for the copy; -> [tokens, (logprob, top ids, top logprobs)?]
+    read: Callable[[], list]  # waits for the copy; -> [tokens [n, T], (logprobs [n, T], top ids, top logprobs)?]
+    counts: list[int] | None = None  # tokens of each row that count (a speculative step's); None: all T
 
 
 class Scheduler:
     """Continuous batching over a model whose cache is set up for `slots` rows of `length` positions.
 
     `submit` and `cancel` may be called from any thread; `step` from one thread only. A request too long for the
-    cache is refused at `submit` (a ValueError); `max_waiting` bounds the queue (`QueueFull`)."""
+    cache is refused at `submit` (a ValueError); `max_waiting` bounds the queue (`QueueFull`). With a
+    `speculator` (speculative.py) each decode step verifies the tokens it proposes."""
 
     def __init__(self, model: Transformer, decode: Callable[..., Tensor], tokenizer: Tokenizer | None,
-                 eos_token_ids: Sequence[int], seed: int | None = None, max_waiting: int | None = None):
+                 eos_token_ids: Sequence[int], seed: int | None = None, max_waiting: int | None = None,
+                 speculator: PromptLookup | DraftModel | None = None):
         cache = model.layers[0].attention.cache
         assert cache is not None, "set up the model's cache first"
         self.model, self.decode, self.tokenizer = model, decode, tokenizer
+        self.verify = getattr(decode, "verify", verify_step)
+        self.speculator = speculator
+        if isinstance(speculator, DraftModel):
+            draft_cache = speculator.model.layers[0].attention.cache
+            assert draft_cache is not None and draft_cache.k.shape[::2] == cache.k.shape[::2], \
+                "set up the draft's cache with the model's rows and length"
         self.slots, self.length = cache.k.shape[0], cache.k.shape[2]
         self.device = model.embed_tokens.weight.device
         self.vocab_size = model.lm_head.out_features
@@ -181,6 +201,8 @@ class Scheduler:
         self._row_params: tuple[tuple[Job | None, ...], RowParams, Tensor] | None = None
         self.decode_steps = 0
         self.decoded_tokens = 0  # tokens produced by decode steps (rows generating, summed over steps)
+        self.proposed_tokens = 0  # speculative tokens proposed to verify steps
+        self.accepted_tokens = 0  # and those of them kept
 
     # ------------------------------------------------------------------------ from any thread
     def submit(self, request: Request) -> Job:
@@ -217,7 +239,8 @@ class Scheduler:
         for job in [j for j in self.running.values() if j.cancelled]:
             self._retire(job)
         if not self._admit():  # (a step that admits does not decode: the new rows' first tokens come sooner)
-            self._decode()
+            if self.speculator is None or not self._speculate():
+                self._decode()
         return self._read()
 
     def _admit(self) -> bool:
@@ -243,6 +266,8 @@ class Scheduler:
         tokens, lengths = to_device(tokens, self.device), to_device(lengths, self.device)
         positions = torch.arange(tokens.shape[1], device=self.device)
         logits = self.model(tokens, input_pos=positions, logits_at=lengths - 1, rows=slots).float()  # [n, V]
+        if isinstance(self.speculator, DraftModel):
+            self.speculator.admit(tokens, lengths, slots)
 
         params = RowParams.of([job.request.params for job in jobs], self.device)
         if "penalty" in params.uses and self.seen is None:
@@ -253,7 +278,7 @@ class Scheduler:
             for job in jobs:
                 self.seen[job.slot, to_device(torch.tensor(job.request.prompt), self.device)] = True
             seen = self.seen[slots]
-        race = self._race(jobs, params)
+        race = self._random(jobs, params, (self.vocab_size,), exponential_race)
         chosen = sample_rows(logits, params, seen, race)  # [n]
         self.tokens[slots] = chosen
         self.positions[slots] = lengths
@@ -261,27 +286,22 @@ class Scheduler:
             self.seen[slots, chosen] = True
         for job in jobs:
             job.position, job.launched = len(job.request.prompt), 1
-        self._launch(list(zip(jobs, range(len(jobs)))), chosen, logits)
+        self._launch(list(zip(jobs, range(len(jobs)))), chosen[:, None], logits[:, None])
         return True
 
     def _decode(self) -> None:
         generating = [job for job in self.running.values() if job.generating]
         if not generating:
             return
-        B = min(self.slots, 1 << max(self.running).bit_length())  # occupied rows, rounded up to a power of two
-        rows: list[Job | None] = [self.running.get(slot) for slot in range(B)]
+        rows = self._rows()
+        B = len(rows)
         span = max(job.position for job in self.running.values()) + 1
-        # The rows' parameters, and which rows advance, go to the device when the rows change, not at every step
-        key = tuple(rows)  # (the jobs themselves, compared by identity: an id() can be reused by a later job)
-        if self._row_params is None or self._row_params[0] != key:
-            params = RowParams.of([job.request.params if job else SamplingParams() for job in rows], self.device)
-            top_k = torch.where(params.top_k > 0, params.top_k, self.vocab_size)[:, 0]  # (no top-k: k = V)
-            self._row_params = key, params, top_k
-        _, params, top_k = self._row_params
+        params, top_k = self._params(rows)
+        # Which rows advance goes to the device when the rows change, not at every step
         key = tuple(job is not None and job.generating for job in rows)
         if self._advancing is None or self._advancing[0] != key:
             self._advancing = key, to_device(torch.tensor(key, dtype=torch.long), self.device)
-        race = self._race(rows, params)
+        race = self._random(rows, params, (self.vocab_size,), exponential_race)
         wants_logprobs = any(job.request.logprobs is not None for job in generating)
         token, position = self.tokens[:B, None], self.positions[:B, None]  # [B, 1] each
         if getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda" and not wants_logprobs \
@@ -300,36 +320,120 @@ class Scheduler:
             job.launched += 1
         self.decode_steps += 1
         self.decoded_tokens += len(generating)
-        self._launch([(job, job.slot) for job in generating], self.tokens[:B].clone(),
-                     logits if wants_logprobs else None)
+        self._launch([(job, job.slot) for job in generating], self.tokens[:B, None].clone(),
+                     logits[:, None] if wants_logprobs else None)
 
-    def _race(self, rows: Sequence[Job | None], params: RowParams) -> Tensor | None:
-        """The random draws of a step for these rows (None: a free row), [len(rows), V], or None when no row
+    def _speculate(self) -> bool:
+        """A verify step (speculative.py) for the rows still generating; False (nothing done) when no row has a
+        proposal, so that a plain decode step runs instead."""
+        rows = self._rows()
+        B, k = len(rows), self.speculator.k
+        # Proposals may not take a row past max_new_tokens: a step emits at most (proposals + 1) tokens
+        budget = [min(k, job.request.max_new_tokens - job.launched - 1) if job and job.generating else 0
+                  for job in rows]
+        params, _ = self._params(rows)
+        positions = torch.tensor([job.position if job else 1 for job in rows])  # [B]: where each latest token goes
+        span = int(positions.max()) + 1
+        if isinstance(self.speculator, DraftModel):
+            if not any(budget):
+                return False
+            # each row's two latest tokens (the first was generated or is the prompt's last), at positions - 1, +0
+            latest = [([job.request.prompt[-1]] + job.output.token_ids[-2:])[-2:] if job else [0, 0] for job in rows]
+            races = self._random(rows, params, (k, self.vocab_size), exponential_race)
+            proposals, q = self.speculator.propose(
+                to_device(torch.tensor(latest), self.device),
+                to_device(torch.stack([positions - 1, positions], dim=1), self.device), span, params, races)
+            counts = budget
+        else:
+            lists = [self.speculator.propose(job, job.request.prompt, job.output.token_ids, n) if n else []
+                     for job, n in zip(rows, budget)]
+            counts = [len(proposal) for proposal in lists]
+            if not any(counts):
+                return False
+            k, q = max(counts), None
+            proposals = to_device(torch.tensor([p + [0] * (k - len(p)) for p in lists]), self.device)  # [B, k]
+        # The row's latest token and its proposals at the positions that follow (past the cache: its last slot,
+        # where only a padding or a finished row's token goes)
+        tokens = torch.cat([self.tokens[:B, None], proposals], dim=1)  # [B, k+1]
+        at = to_device((positions[:, None] + torch.arange(k + 1)).clamp(max=self.length - 1), self.device)
+        logits = self.verify(self.model, tokens, at, span=span + k).float()  # [B, k+1, V]
+        uniform = self._random(rows, params, (k,), _uniform)
+        if uniform is None:  # (every row greedy: the rule compares with 0 or 1)
+            uniform = torch.ones(B, k, device=self.device)
+        race = self._random(rows, params, (self.vocab_size,), exponential_race)
+        chosen, emitted = accept(logits, proposals, to_device(torch.tensor(counts), self.device), q, params,
+                                 None if self.seen is None else self.seen[:B], uniform, race)
+        emitted_host = emitted.tolist()  # (the next step's proposals need the tokens on the host anyway)
+        generating = [job for job in rows if job is not None and job.generating]
+        for job in generating:
+            n = emitted_host[job.slot]
+            job.position += n
+            job.launched += n
+            self.decoded_tokens += n
+            self.proposed_tokens += counts[job.slot]
+            self.accepted_tokens += n - 1
+        advancing = torch.tensor([job is not None and job.generating for job in rows])
+        self.positions[:B] = to_device(torch.where(advancing, positions + torch.tensor(emitted_host), positions),
+                                       self.device)
+        index = torch.arange(B, device=self.device)
+        self.tokens[:B] = chosen[index, emitted - 1]
+        if self.seen is not None:
+            for j in range(k + 1):
+                self.seen[index, chosen[:, j]] |= j < emitted
+        self.decode_steps += 1
+        wants_logprobs = any(job.request.logprobs is not None for job in generating)
+        self._launch([(job, job.slot) for job in generating], chosen, logits if wants_logprobs else None,
+                     emitted_host)
+        return True
+
+    def _rows(self) -> list[Job | None]:
+        """The rows a decode step runs: the occupied rows, rounded up to a power of two (None: a free row)."""
+        B = min(self.slots, 1 << max(self.running).bit_length())
+        return [self.running.get(slot) for slot in range(B)]
+
+    def _params(self, rows: list[Job | None]) -> tuple[RowParams, Tensor]:
+        """The rows' sampling parameters, and each row's top-k as a tensor [B] (no top-k: V), sent to the device
+        when the rows change, not at every step."""
+        key = tuple(rows)  # (the jobs themselves, compared by identity: an id() can be reused by a later job)
+        if self._row_params is None or self._row_params[0] != key:
+            params = RowParams.of([job.request.params if job else SamplingParams() for job in rows], self.device)
+            top_k = torch.where(params.top_k > 0, params.top_k, self.vocab_size)[:, 0]
+            self._row_params = key, params, top_k
+        return self._row_params[1], self._row_params[2]
+
+    def _random(self, rows: Sequence[Job | None], params: RowParams, shape: tuple[int, ...],
+                draw: Callable[[tuple[int, ...], torch.device, torch.Generator], Tensor]) -> Tensor | None:
+        """A step's random draws for these rows (None: a free row), [len(rows), *shape], or None when no row
         samples: the scheduler's stream for all rows, then each seeded job's row from its own stream (so that a
         seed repeats a job's output whatever else runs beside it)."""
         if "sampling" not in params.uses:
             return None
-        race = exponential_race((len(rows), self.vocab_size), self.device, self.generator)
+        draws = draw((len(rows), *shape), self.device, self.generator)
         for index, job in enumerate(rows):
             if job is not None and job.generator is not None and job.request.params.temperature > 0 \
                     and job.generating:
-                race[index] = exponential_race((self.vocab_size,), self.device, job.generator)
-        return race
+                draws[index] = draw(shape, self.device, job.generator)
+        return draws
 
-    def _launch(self, jobs: list[tuple[Job, int]], chosen: Tensor, logits: Tensor | None) -> None:
+    def _launch(self, jobs: list[tuple[Job, int]], chosen: Tensor, logits: Tensor | None,
+                counts: list[int] | None = None) -> None:
+        """Start copying a step's tokens chosen [n, T] (and their log-probabilities, from logits [n, T, V], for the
+        jobs that want them) to the host."""
         tensors = [chosen]
         wanted = max((job.request.logprobs for job, _ in jobs if job.request.logprobs is not None), default=None)
         if wanted is not None and logits is not None:
             logprobs = logits.log_softmax(dim=-1)
             top = logprobs.topk(max(wanted, 1), dim=-1)
-            tensors += [logprobs.gather(-1, chosen[:, None])[:, 0], top.indices, top.values]
+            tensors += [logprobs.gather(-1, chosen[..., None])[..., 0], top.indices, top.values]
         copies = [_copy_to_host(t) for t in tensors]
-        self.launches.append(_Launch(jobs, lambda: [copy() for copy in copies]))
+        self.launches.append(_Launch(jobs, lambda: [copy() for copy in copies], counts))
 
     def _read(self) -> list[Update]:
         updates = []
-        # On a GPU leave the newest launch in flight while rows are still generating (see the module docstring)
-        lag = 1 if self.device.type == "cuda" and any(j.generating for j in self.running.values()) else 0
+        # On a GPU leave the newest launch in flight while rows are still generating (see the module docstring),
+        # unless the next step's proposals need its tokens
+        lag = 1 if self.device.type == "cuda" and self.speculator is None \
+            and any(j.generating for j in self.running.values()) else 0
         while len(self.launches) > lag:
             launch = self.launches.popleft()
             tensors = launch.read()  # the only host synchronisation
@@ -339,14 +443,17 @@ class Scheduler:
                 if job.cancelled:
                     self._retire(job)
                     continue
-                job.received += 1
-                logprob = None
+                count = len(tensors[0][index]) if launch.counts is None else launch.counts[index]
+                tokens = tensors[0][index][:count]
+                job.received += count
+                logprobs = None
                 if job.request.logprobs is not None and len(tensors) > 1:
-                    token, n = tensors[0][index], job.request.logprobs
-                    top = list(zip(tensors[2][index][:n], tensors[3][index][:n]))
-                    logprob = [TokenLogprob(token, tensors[1][index], top)]
+                    n = job.request.logprobs
+                    logprobs = [TokenLogprob(token, tensors[1][index][t], list(zip(tensors[2][index][t][:n],
+                                                                                 tensors[3][index][t][:n])))
+                                for t, token in enumerate(tokens)]
                 final = job.received >= job.request.max_new_tokens
-                piece = job.output.push([tensors[0][index]], final, logprob)
+                piece = job.output.push(tokens, final, logprobs)
                 if job.output.finish_reason:
                     self._retire(job)
                 updates.append(Update(job, piece, job.output.finish_reason, len(job.output.token_ids)))
@@ -362,6 +469,11 @@ class Scheduler:
         """Step until `jobs` are done, yielding each step's updates."""
         while not all(job.done for job in jobs):
             yield self.step()
+
+
+def _uniform(shape: tuple[int, ...], device: torch.device, generator: torch.Generator) -> Tensor:
+    """Uniform draws in (0, 1] (speculative.accept keeps a proposal when u * q <= p: never when p = 0)."""
+    return 1 - torch.rand(shape, device=device, generator=generator)
 
 
 class QueueFull(RuntimeError):
