@@ -161,16 +161,16 @@ class CompiledDecodeStep:
             top_k = self._constant(("k", B, V), lambda: torch.full((B,), V, device=token.device))
         return self.step(model, token, position, True, race, temperature, top_k, kth_largest, span=span)
 
-    def verify(self, model: Transformer, tokens: Tensor, positions: Tensor, span: int) -> Tensor:
+    def verify(self, model: Transformer, tokens: Tensor, positions: Tensor, span: int, choose: bool = False) -> Tensor:
         """`generate.verify_step` (speculative decoding's k + 1 tokens a row), as a CUDA graph of its own on a GPU
         (one per batch size, k and span, the span rounded as the decode step's); on a CPU eagerly, around the
         layers compiled for a few tokens (`compile_layers`)."""
         if not tokens.is_cuda:
-            return verify_step(model, tokens, positions, span)
+            return verify_step(model, tokens, positions, span, choose)
         if self.verify_graph is None:
             self.verify_graph = torch.compile(verify_step, mode="reduce-overhead", fullgraph=True)
         span = power_of_two_positions(span, model.layers[0].attention.cache.k.shape[2])
-        return self.verify_graph(model, tokens, positions, span)
+        return self.verify_graph(model, tokens, positions, span, choose)
 
     def _constant(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
         if key not in self.constants:
@@ -462,8 +462,11 @@ class Llama:
         # One random stream for the call's rows (under tensor parallelism every rank must draw the same tokens)
         scheduler = Scheduler(self.model, self._decode_step, self.tokenizer, self.eos_token_ids, shared_seed(seed),
                               speculator=self._speculator(speculation))
-        jobs = [scheduler.submit(Request(prompt, max_new_tokens, params, stop=list(stop or ()),
-                                         stop_token_ids=list(stop_token_ids or ()))) for prompt in ids]
+        # With a seed, prompt i is seeded with seed + i (as the server's n choices): each row repeats whatever else
+        # is in the batch, and prompt 0 draws what one request with that seed draws from the server
+        jobs = [scheduler.submit(Request(prompt, max_new_tokens, params, None if seed is None else (seed + i) % 2**64,
+                                         stop=list(stop or ()), stop_token_ids=list(stop_token_ids or ())))
+                for i, prompt in enumerate(ids)]
         row = {job: index for index, job in enumerate(jobs)}
         outputs = [job.output for job in jobs]
         self.stats = GenerationStats(prompt_tokens=sum(map(len, ids)), rows=len(ids))

@@ -223,7 +223,9 @@ def decode_step(model: Transformer, token: Tensor, position: Tensor, in_step: bo
     return pick(logits, race, temperature, top_k, kth) if in_step else logits
 
 
-def verify_step(model: Transformer, tokens: Tensor, positions: Tensor, span: int) -> Tensor:
-    """T tokens per row, continuing each row's cache: tokens [B, T] at positions [B, T] -> logits [B, T, V] (the
-    speculative verify step, speculative.py; compiled into a CUDA graph of its own by api.CompiledDecodeStep)."""
-    return model(tokens, input_pos=positions, span=span)
+def verify_step(model: Transformer, tokens: Tensor, positions: Tensor, span: int, choose: bool = False) -> Tensor:
+    """T tokens per row, continuing each row's cache: tokens [B, T] at positions [B, T] -> logits [B, T, V], or
+    with `choose` each position's argmax [B, T] (the speculative verify step, speculative.py; compiled into a CUDA
+    graph of its own by api.CompiledDecodeStep, the greedy choice inside it, as the decode step's)."""
+    logits = model(tokens, input_pos=positions, span=span)
+    return argmax(logits.flatten(0, 1)).view(tokens.shape) if choose else logits

@@ -23,6 +23,7 @@ next ones, so it reads them at once.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import os
 import threading
@@ -331,18 +332,18 @@ class Scheduler:
         # Proposals may not take a row past max_new_tokens: a step emits at most (proposals + 1) tokens
         budget = [min(k, job.request.max_new_tokens - job.launched - 1) if job and job.generating else 0
                   for job in rows]
+        if not any(budget):
+            return False
         params, _ = self._params(rows)
-        positions = torch.tensor([job.position if job else 1 for job in rows])  # [B]: where each latest token goes
-        span = int(positions.max()) + 1
+        positions = [job.position if job else 1 for job in rows]  # where each row's latest token goes
+        span = max(positions) + 1
         if isinstance(self.speculator, DraftModel):
-            if not any(budget):
-                return False
             # each row's two latest tokens (the first was generated or is the prompt's last), at positions - 1, +0
             latest = [([job.request.prompt[-1]] + job.output.token_ids[-2:])[-2:] if job else [0, 0] for job in rows]
             races = self._random(rows, params, (k, self.vocab_size), exponential_race)
-            proposals, q = self.speculator.propose(
-                to_device(torch.tensor(latest), self.device),
-                to_device(torch.stack([positions - 1, positions], dim=1), self.device), span, params, races)
+            proposals, q = self.speculator.propose(to_device(torch.tensor(latest), self.device),
+                                                   self._on_device([[p - 1, p] for p in positions]), span, params,
+                                                   races)
             counts = budget
         else:
             lists = [self.speculator.propose(job, job.request.prompt, job.output.token_ids, n) if n else []
@@ -351,40 +352,57 @@ class Scheduler:
             if not any(counts):
                 return False
             k, q = max(counts), None
-            proposals = to_device(torch.tensor([p + [0] * (k - len(p)) for p in lists]), self.device)  # [B, k]
-        # The row's latest token and its proposals at the positions that follow (past the cache: its last slot,
-        # where only a padding or a finished row's token goes)
+            proposals = self._on_device([p + [0] * (k - len(p)) for p in lists])  # [B, k]
+        # The row's latest token and its proposals, at the positions that follow (past the cache: its last slot,
+        # where only padding or a free row's tokens go)
         tokens = torch.cat([self.tokens[:B, None], proposals], dim=1)  # [B, k+1]
-        at = to_device((positions[:, None] + torch.arange(k + 1)).clamp(max=self.length - 1), self.device)
-        logits = self.verify(self.model, tokens, at, span=span + k).float()  # [B, k+1, V]
-        uniform = self._random(rows, params, (k,), _uniform)
-        if uniform is None:  # (every row greedy: the rule compares with 0 or 1)
-            uniform = torch.ones(B, k, device=self.device)
-        race = self._random(rows, params, (self.vocab_size,), exponential_race)
-        chosen, emitted = accept(logits, proposals, to_device(torch.tensor(counts), self.device), q, params,
-                                 None if self.seen is None else self.seen[:B], uniform, race)
-        emitted_host = emitted.tolist()  # (the next step's proposals need the tokens on the host anyway)
+        at = self._on_device([[min(p + j, self.length - 1) for j in range(k + 1)] for p in positions])
         generating = [job for job in rows if job is not None and job.generating]
+        wants_logprobs = any(job.request.logprobs is not None for job in generating)
+        if not params.uses & {"sampling", "penalty"} and not wants_logprobs:
+            # Every row greedy: the verify step returns each position's argmax, and a proposal is kept while it
+            # equals the argmax before it; the new tokens are then the argmaxes up to the first that differs
+            chosen = self.verify(self.model, tokens, at, span=span + k, choose=True)  # [B, k+1]
+            logits = None
+            chosen_host, proposed = chosen.tolist(), proposals.tolist()
+            emitted = []
+            for row in range(B):
+                n = 0
+                while n < counts[row] and proposed[row][n] == chosen_host[row][n]:
+                    n += 1
+                emitted.append(n + 1)
+        else:
+            logits = self.verify(self.model, tokens, at, span=span + k).float()  # [B, k+1, V]
+            # (drawn for the k the speculator proposes, whatever the longest proposal now: a seeded job's draws
+            # must not depend on the rows beside it)
+            uniform = self._random(rows, params, (self.speculator.k,), _uniform)
+            uniform = torch.ones(B, k, device=self.device) if uniform is None else uniform[:, :k]
+            race = self._random(rows, params, (self.vocab_size,), exponential_race)
+            chosen, emitted_tensor = accept(logits, proposals, self._on_device(counts), q, params,
+                                            None if self.seen is None else self.seen[:B], uniform, race)
+            chosen_host, emitted = chosen.tolist(), emitted_tensor.tolist()  # (the next step's proposals need them)
         for job in generating:
-            n = emitted_host[job.slot]
+            n = emitted[job.slot]
             job.position += n
             job.launched += n
             self.decoded_tokens += n
             self.proposed_tokens += counts[job.slot]
             self.accepted_tokens += n - 1
-        advancing = torch.tensor([job is not None and job.generating for job in rows])
-        self.positions[:B] = to_device(torch.where(advancing, positions + torch.tensor(emitted_host), positions),
-                                       self.device)
-        index = torch.arange(B, device=self.device)
-        self.tokens[:B] = chosen[index, emitted - 1]
+        ends = [job.position if job is not None and job.generating else p for job, p in zip(rows, positions)]
+        self.positions[:B] = self._on_device(ends)
+        self.tokens[:B] = self._on_device([chosen_host[row][emitted[row] - 1] for row in range(B)])
         if self.seen is not None:
-            for j in range(k + 1):
-                self.seen[index, chosen[:, j]] |= j < emitted
+            for job in generating:
+                self.seen[job.slot, chosen[job.slot, :emitted[job.slot]]] = True
         self.decode_steps += 1
-        wants_logprobs = any(job.request.logprobs is not None for job in generating)
-        self._launch([(job, job.slot) for job in generating], chosen, logits if wants_logprobs else None,
-                     emitted_host)
+        if logits is not None and wants_logprobs:
+            self._launch([(job, job.slot) for job in generating], chosen, logits, emitted)
+        else:  # (the tokens are on the host already)
+            self.launches.append(_Launch([(job, job.slot) for job in generating], lambda: [chosen_host], emitted))
         return True
+
+    def _on_device(self, values: list) -> Tensor:
+        return to_device(torch.tensor(values), self.device)
 
     def _rows(self) -> list[Job | None]:
         """The rows a decode step runs: the occupied rows, rounded up to a power of two (None: a free row)."""
@@ -404,14 +422,18 @@ class Scheduler:
     def _random(self, rows: Sequence[Job | None], params: RowParams, shape: tuple[int, ...],
                 draw: Callable[[tuple[int, ...], torch.device, torch.Generator], Tensor]) -> Tensor | None:
         """A step's random draws for these rows (None: a free row), [len(rows), *shape], or None when no row
-        samples: the scheduler's stream for all rows, then each seeded job's row from its own stream (so that a
-        seed repeats a job's output whatever else runs beside it)."""
+        samples: the scheduler's stream for all rows, then each seeded job's row from its own generator, seeded
+        afresh from (its seed, the index of the token it chooses next, what the draws are for). So a seed repeats a
+        job's output whatever else runs beside it, even where the rows beside it change what a step is (a verify
+        step or a decode step, how many tokens it proposes)."""
         if "sampling" not in params.uses:
             return None
         draws = draw((len(rows), *shape), self.device, self.generator)
         for index, job in enumerate(rows):
             if job is not None and job.generator is not None and job.request.params.temperature > 0 \
                     and job.generating:
+                key = f"{job.request.seed}:{job.launched}:{draw.__name__}:{shape}".encode()
+                job.generator.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest()) >> 1)
                 draws[index] = draw(shape, self.device, job.generator)
         return draws
 
