@@ -2,6 +2,7 @@
 
     llama generate --prompt "The capital of France is"       (no --model: the SmolLM2 demo model, offline)
     llama chat --model meta-llama/Llama-3.2-1B-Instruct --system "Be brief."
+    llama generate --model meta-llama/Llama-3.1-8B-Instruct --draft meta-llama/Llama-3.2-1B-Instruct --prompt "Hi"
     llama serve --model meta-llama/Llama-3.1-8B-Instruct --max-batch-size 64 --compile
     llama download meta-llama/Llama-3.1-8B-Instruct [--dir DIR] [--original]
     llama quantize --model SRC --quantize int4 --group-size 64 --out DIR
@@ -21,9 +22,14 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llama.arguments import ArgumentError, check, check_all, check_device_name, check_stop
 from llama.hub import HubError
+
+if TYPE_CHECKING:  # (torch: imported only once the flags are checked)
+    from llama.api import Llama
+    from llama.config import ModelConfig
 
 EXAMPLES = """\
 examples:
@@ -31,6 +37,7 @@ examples:
   llama generate --model meta-llama/Llama-3.1-8B --prompts-file prompts.txt --max-new-tokens 64
   llama chat --model meta-llama/Llama-3.2-1B-Instruct --system "Be brief." --temperature 0.7
   llama serve --model meta-llama/Llama-3.1-8B-Instruct --max-batch-size 64 --compile --port 8000
+  llama generate --model meta-llama/Llama-3.1-8B-Instruct --draft meta-llama/Llama-3.2-1B-Instruct --prompt "Hi"
   llama download meta-llama/Llama-3.1-8B-Instruct --original
   llama quantize --model meta-llama/Llama-3.1-8B-Instruct --quantize int4 --out ./llama-8b-int4
   llama perplexity --model ./llama-8b-int4 --text wiki.test.raw --context 512
@@ -48,7 +55,8 @@ environment variables:
 """
 COMMAND_EXAMPLES = {
     "generate": ['llama generate --prompt "The capital of France is" --max-new-tokens 16',
-                 "llama generate --model ./Llama-3.2-1B --prompts-file prompts.txt --temperature 0.8 --seed 1"],
+                 "llama generate --model ./Llama-3.2-1B --prompts-file prompts.txt --temperature 0.8 --seed 1",
+                 'llama generate --prompt "1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3," --draft prompt-lookup'],
     "chat": ['llama chat --system "Be brief."', 'llama chat --model meta-llama/Llama-3.2-1B-Instruct --prompt "Hi!"'],
     "serve": ["llama serve                                   (the demo model at http://127.0.0.1:8000)",
               "llama serve --model meta-llama/Llama-3.1-8B-Instruct --max-batch-size 64 --compile",
@@ -179,6 +187,18 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--seed", type=int, help="the seed of the random draws (default: different every run)")
     sampling.add_argument("--stop", action="append", help="stop at this text; may be repeated (default: none)")
 
+    speculation = argparse.ArgumentParser(add_help=False)
+    speculation.add_argument(
+        "--draft", metavar="prompt-lookup|MODEL",
+        help="speculative decoding: each step a few tokens are proposed and the model checks them all in one pass, "
+             "so the text is the same (greedy: token for token), sooner when the proposals are right. prompt-lookup "
+             "copies what followed the latest earlier match of the last few tokens in the prompt and the answer "
+             "(for answers that repeat their input); MODEL is a smaller model with the same tokenizer, a checkpoint "
+             "folder or hub repo id loaded with the model's --device, --dtype, --compile and --max-seq-len (not "
+             "--quantize) (default: off)")
+    speculation.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                             help="with --draft: tokens proposed a step, 1 to 16 (default: 4)")
+
     def command(name: str, parents: list[argparse.ArgumentParser], help: str, run) -> argparse.ArgumentParser:
         epilog = "examples:\n" + "".join(f"  {line}\n" for line in COMMAND_EXAMPLES[name])
         sub = commands.add_parser(name, parents=[common, *parents], help=help, description=help[0].upper() + help[1:],
@@ -187,17 +207,17 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    generate = command("generate", [model, sampling], "continue raw text (no chat template)", _generate)
+    generate = command("generate", [model, sampling, speculation], "continue raw text (no chat template)", _generate)
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the text to continue (required, or --prompts-file)")
     source.add_argument("--prompts-file", type=Path, help="a UTF-8 text file, one prompt per line (blank lines are "
                                                           "skipped), generated as one batch (required, or --prompt)")
 
-    chat = command("chat", [model, sampling], "chat with an instruction-tuned model", _chat)
+    chat = command("chat", [model, sampling, speculation], "chat with an instruction-tuned model", _chat)
     chat.add_argument("--system", help="a system message (default: none)")
     chat.add_argument("--prompt", help="answer this one message and exit (default: an interactive chat)")
 
-    serve = command("serve", [model], "serve the model over an OpenAI-compatible HTTP API", _serve)
+    serve = command("serve", [model, speculation], "serve the model over an OpenAI-compatible HTTP API", _serve)
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="the port to listen on (0: any free one)")
     serve.add_argument("--max-batch-size", type=int, default=16,
@@ -257,6 +277,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
                 args.max_new_tokens >= args.max_seq_len:
             raise ArgumentError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in "
                                 f"--max-seq-len {args.max_seq_len}: make one smaller or the other larger")
+    if args.command in ("generate", "chat", "serve"):
+        if args.num_speculative_tokens is not None:
+            check("num_speculative_tokens", args.num_speculative_tokens, as_flag=True)
+            if args.draft is None:
+                raise ArgumentError("--num-speculative-tokens needs --draft (prompt-lookup or a draft model)")
+        if args.draft is not None and not args.draft.strip():
+            raise ArgumentError("--draft must not be empty: prompt-lookup, or a draft model's folder or hub repo id")
     if args.command == "generate" and args.prompts_file is not None:
         args.prompts = [line for line in _read_text("--prompts-file", args.prompts_file).splitlines() if line.strip()]
         if not args.prompts:
@@ -372,9 +399,7 @@ def _model_folder(args: argparse.Namespace) -> Path:
     """The checkpoint's folder (converting the demo model or downloading a repo id if need be), checked against
     the device and the flags before anything is loaded: device present, a checkpoint there, a readable config."""
     from llama.api import check_max_seq_len, default_device_and_dtype
-    from llama.config import ModelConfig
     from llama.hub import resolve_model
-    from llama.weights import CheckpointError, find_checkpoint
 
     default_device_and_dtype(args.device, args.dtype, as_flag=True)
     if args.model is None:
@@ -383,12 +408,7 @@ def _model_folder(args: argparse.Namespace) -> Path:
         folder = ensure_demo_model()
     else:
         folder = resolve_model(args.model)
-    try:
-        kind, root = find_checkpoint(folder)
-    except CheckpointError as e:
-        raise CheckpointError(f"--model {e}" if args.model is not None else str(e)) from None
-    # (a Llama 2 params.json says vocab_size -1, read off the weights when they load: 1 stands in for it here)
-    config = ModelConfig.from_file(root / ("config.json" if kind == "hf" else "params.json"), vocab_size=1)
+    config = _checkpoint_config(folder, "--model" if args.model is not None else None)
     check_max_seq_len(args.max_seq_len, config, as_flag=True)
     if args.command in ("generate", "chat") and (args.max_new_tokens or 0) >= config.max_position_embeddings:
         raise ArgumentError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
@@ -399,16 +419,71 @@ def _model_folder(args: argparse.Namespace) -> Path:
     return folder
 
 
-def _load(args: argparse.Namespace, quantize: bool = True):
+def _draft_folder(args: argparse.Namespace) -> Path | None:
+    """--draft's checkpoint folder, checked as --model's is (None: no draft model, whether prompt lookup or none).
+    Its cache gets the model's positions: a --max-seq-len beyond the draft's context is refused."""
+    from llama.hub import resolve_model
+    from llama.speculative import PROMPT_LOOKUP
+
+    if getattr(args, "draft", None) in (None, PROMPT_LOOKUP):
+        return None
+    folder = resolve_model(args.draft, name="--draft")
+    context = _checkpoint_config(folder, "--draft").max_position_embeddings
+    if args.max_seq_len is not None and args.max_seq_len > context:
+        raise ArgumentError(f"--draft {args.draft}: its context (max_position_embeddings={context}) is shorter than "
+                            f"--max-seq-len {args.max_seq_len}")
+    return folder
+
+
+def _checkpoint_config(folder: Path, flag: str | None) -> ModelConfig:
+    """The config of the checkpoint in `folder`, read before its weights; `flag` (--model, --draft) names the
+    folder in the error when it holds none (None: the demo model's own folder)."""
+    from llama.config import ModelConfig
+    from llama.weights import CheckpointError, find_checkpoint
+
+    try:
+        kind, root = find_checkpoint(folder)
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag} {e}" if flag else str(e)) from None
+    # (a Llama 2 params.json says vocab_size -1, read off the weights when they load: 1 stands in for it here)
+    return ModelConfig.from_file(root / ("config.json" if kind == "hf" else "params.json"), vocab_size=1)
+
+
+def _load_with_draft(args: argparse.Namespace) -> tuple[Llama, dict]:
+    """generate's, chat's and serve's model, and the keyword arguments that make its generation speculative
+    (`draft`, `num_speculative_tokens`; none without --draft). Both checkpoints are checked before either is
+    loaded; a draft model is loaded after the model, and one whose vocabulary differs is an error naming --draft."""
+    from llama.speculative import PROMPT_LOOKUP, check_draft
+
+    folder, draft_folder = _model_folder(args), _draft_folder(args)
+    llm = _load(args, folder=folder)
+    if args.draft is None:
+        return llm, {}
+    draft = PROMPT_LOOKUP
+    if draft_folder is not None:
+        # (unquantized: --quantize is the model's; a draft small enough to be worth running is small already)
+        draft = _load(args, quantize=False, folder=draft_folder, label="the draft model ")
+        try:
+            check_draft(draft, llm.config.vocab_size, llm.tokenizer)
+        except ValueError as e:
+            raise ArgumentError(f"--draft {args.draft}: {str(e).removeprefix('draft: ')}") from None
+    speculation = {"draft": draft}
+    if args.num_speculative_tokens is not None:  # (else the API's default)
+        speculation["num_speculative_tokens"] = args.num_speculative_tokens
+    return llm, speculation
+
+
+def _load(args: argparse.Namespace, quantize: bool = True, folder: Path | None = None, label: str = "") -> Llama:
+    """The model (`folder`: the checkpoint there instead, announced as `label`), with the command's flags."""
     from llama.api import Llama, default_device_and_dtype
 
-    folder = _model_folder(args)
+    folder = folder or _model_folder(args)
     compile = args.compile
     if compile is None:  # on a CPU compiling costs seconds and triples decoding speed; on a GPU it costs minutes
         device, _ = default_device_and_dtype(args.device, args.dtype, as_flag=True)
         compile = device.type == "cpu" and args.command in ("generate", "chat", "serve") \
             and int(os.environ.get("WORLD_SIZE", "1")) == 1 and _cpp_compiler() is not None
-    print(f"loading {folder}" + (f" ({args.quantize})" if args.quantize and quantize else "")
+    print(f"loading {label}{folder}" + (f" ({args.quantize})" if args.quantize and quantize else "")
           + (" and compiling its decode step (--no-compile to skip)" if compile else ""), file=sys.stderr)
 
     def load(compile: bool) -> Llama:
@@ -446,8 +521,8 @@ def _options(args: argparse.Namespace, default_temperature: float, max_seq_len: 
 
 # ---------------------------------------------------------------------------- the commands
 def _generate(args: argparse.Namespace) -> int:
-    llm = _load(args)
-    options = _options(args, default_temperature=0.0)
+    llm, speculation = _load_with_draft(args)
+    options = _options(args, default_temperature=0.0) | speculation
     if args.prompt is not None:
         for piece in llm.stream(args.prompt, **options):
             print(piece, end="", flush=True)
@@ -462,8 +537,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from llama.chat import chat
 
-    llm = _load(args)
-    options = _options(args, default_temperature=0.7, max_seq_len=llm.max_seq_len)
+    llm, speculation = _load_with_draft(args)
+    options = _options(args, default_temperature=0.7, max_seq_len=llm.max_seq_len) | speculation
     return chat(llm, options, system=args.system, prompt=args.prompt)
 
 
@@ -479,13 +554,19 @@ def _serve(args: argparse.Namespace) -> int:
         raise ArgumentError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") \
             from None
     name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
-    llm = _load(args)
+    llm, speculation = _load_with_draft(args)
+    drafting = f", speculative decoding with --draft {args.draft}" if speculation else ""
 
     def ready(url: str) -> None:
         print(f"serving {name} at {url} (up to {args.max_batch_size} requests in a batch, {llm.max_seq_len} "
-              f"positions each; Ctrl-C to stop)", flush=True)
+              f"positions each{drafting}; Ctrl-C to stop)", flush=True)
 
-    serve(llm, args.host, args.port, name, args.max_batch_size, args.max_waiting, args.api_key, ready, args.debug)
+    engine = serve(llm, args.host, args.port, name, args.max_batch_size, args.max_waiting, args.api_key, ready,
+                   args.debug, **speculation)
+    proposed, accepted = engine.scheduler.proposed_tokens, engine.scheduler.accepted_tokens
+    if proposed:  # (as generate's stats line says it, over the requests served)
+        print(f"speculation: {accepted} of {proposed} proposed tokens accepted ({accepted / proposed:.0%})",
+              file=sys.stderr)
     print("stopped", file=sys.stderr)
     return 0
 

@@ -43,6 +43,7 @@ from llama.api import Llama
 from llama.arguments import ArgumentError, check, check_stop
 from llama.generate import SamplingParams
 from llama.scheduler import MAX_LOGPROBS, Job, QueueFull, Request, Scheduler, Update
+from llama.speculative import DEFAULT_SPECULATIVE_TOKENS
 
 log = logging.getLogger("llama.server")
 MAX_CHOICES = 16  # `n`, the choices per prompt
@@ -69,11 +70,13 @@ class BadRequest(Exception):
 # ---------------------------------------------------------------------------- the engine
 class Engine:
     """The scheduler, stepped by `run` while requests are in flight, on the thread that calls it (`serve`: the main
-    thread, while uvicorn's event loop runs in another)."""
+    thread, while uvicorn's event loop runs in another). With `speculation` (checked by `Llama._speculation`: the
+    draft and k) every request is decoded speculatively (speculative.py)."""
 
-    def __init__(self, llm: Llama, max_batch_size: int, max_waiting: int, debug: bool = False):
+    def __init__(self, llm: Llama, max_batch_size: int, max_waiting: int, debug: bool = False,
+                 speculation: tuple[str | Llama, int] | None = None):
         llm._ensure_cache(max_batch_size, llm.max_seq_len)
-        self.llm, self.max_waiting, self.debug = llm, max_waiting, debug
+        self.llm, self.max_waiting, self.debug, self.speculation = llm, max_waiting, debug, speculation
         self.scheduler = self._new_scheduler()
         self.queues: dict[Job, asyncio.Queue[Update]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, set when it starts
@@ -144,10 +147,10 @@ class Engine:
         self.loop.call_soon_threadsafe(_deliver, [(queue, Update(job, "", "error", len(job.output.token_ids)))
                                                   for job, queue in queues.items()])
 
-
     def _new_scheduler(self) -> Scheduler:
-        llm = self.llm
-        return Scheduler(llm.model, llm._decode_step, llm.tokenizer, llm.eos_token_ids, max_waiting=self.max_waiting)
+        llm = self.llm  # (its cache is set up: a draft model's is then set up to match, `Llama._speculator`)
+        return Scheduler(llm.model, llm._decode_step, llm.tokenizer, llm.eos_token_ids, max_waiting=self.max_waiting,
+                         speculator=llm._speculator(self.speculation))
 
 
 def _deliver(deliveries: list[tuple[asyncio.Queue, Update]]) -> None:
@@ -240,11 +243,13 @@ def _is_ids(value: Any) -> bool:
 
 # ---------------------------------------------------------------------------- the app
 def make_app(llm: Llama, served_model_name: str, max_batch_size: int, max_waiting: int = 256,
-             api_key: str | None = None, debug: bool = False) -> Starlette:
+             api_key: str | None = None, debug: bool = False, draft: str | Llama | None = None,
+             num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS) -> Starlette:
     """The ASGI app serving `llm` under `served_model_name`; its engine, `app.state.engine`, is the caller's to run
     (`engine.run()`, best on the main thread: see `serve`). When the server shuts down, what is still in flight is
-    cancelled and `run` returns."""
-    engine = Engine(llm, max_batch_size, max_waiting, debug)
+    cancelled and `run` returns. `draft` and `num_speculative_tokens` are `Llama.generate`'s: every request is
+    decoded speculatively with them (the answers are the same; nothing in the API changes)."""
+    engine = Engine(llm, max_batch_size, max_waiting, debug, llm._speculation(draft, num_speculative_tokens))
     tokenizer, vocab_size = llm.tokenizer, llm.config.vocab_size
     created = int(time.time())
 
@@ -571,9 +576,11 @@ GRACE_SECONDS = 30  # how long a shutdown waits for the requests in flight
 
 
 def serve(llm: Llama, host: str, port: int, served_model_name: str, max_batch_size: int, max_waiting: int,
-          api_key: str | None, on_ready: Callable[[str], None], debug: bool = False) -> None:
+          api_key: str | None, on_ready: Callable[[str], None], debug: bool = False, draft: str | Llama | None = None,
+          num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS) -> Engine:
     """Serve until Ctrl-C or SIGTERM: then stop accepting, let the requests in flight finish (up to
-    GRACE_SECONDS, then cancel them) and return. With `debug`, a failed step logs its traceback.
+    GRACE_SECONDS, then cancel them) and return the engine (its scheduler's counts). With `debug`, a failed step
+    logs its traceback; with `draft`, requests are decoded speculatively (`make_app`).
 
     The engine steps on this (the main) thread and uvicorn's event loop runs in another: compiled CPU kernels ran
     at ~22 tok/s on the demo model from a second thread against ~37-43 from the main one (same code, no
@@ -581,7 +588,7 @@ def serve(llm: Llama, host: str, port: int, served_model_name: str, max_batch_si
     compiled step broke each other (AssertionError), so whatever runs the model should run here."""
     import uvicorn
 
-    app = make_app(llm, served_model_name, max_batch_size, max_waiting, api_key, debug)
+    app = make_app(llm, served_model_name, max_batch_size, max_waiting, api_key, debug, draft, num_speculative_tokens)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -609,6 +616,7 @@ def serve(llm: Llama, host: str, port: int, served_model_name: str, max_batch_si
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return app.state.engine
 
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import official_config, shrink, write_hf_checkpoint
 
 import llama
 
@@ -148,6 +150,12 @@ BAD_FLAGS = [
     (["generate", "--prompt", "hi", "--quantize", "int4", "--group-size", "48"], "--group-size"),
     (["generate", "--prompt", "hi", "--device", "gpu0"], "--device 'gpu0'"),
     (["generate", "--prompt", "hi", "--dtype", "fp8"], "--dtype"),
+    (["generate", "--prompt", "hi", "--draft", "prompt-lookup", "--num-speculative-tokens", "0"],
+     "--num-speculative-tokens must be in [1, 16], got 0"),
+    (["generate", "--prompt", "hi", "--draft", "prompt-lookup", "--num-speculative-tokens", "17"],
+     "--num-speculative-tokens must be in [1, 16], got 17"),
+    (["chat", "--prompt", "hi", "--num-speculative-tokens", "2"], "--num-speculative-tokens needs --draft"),
+    (["serve", "--draft", " "], "--draft must not be empty"),
     (["generate"], "--prompt"),
     (["chat", "--temperature", "-0.5"], "--temperature"),
     (["chat", "--model", "", "--prompt", "hi"], "--model must not be empty"),
@@ -242,6 +250,73 @@ def test_max_seq_len_beyond_the_models_context_is_refused_before_loading(smollm2
     limit = json.loads((smollm2_dir / "config.json").read_text())["max_position_embeddings"]
     assert_fails_fast(run("generate", "--prompt", "hi", "--model", str(smollm2_dir), "--max-seq-len",
                           str(limit + 1)), f"--max-seq-len {limit + 1}", f"max_position_embeddings={limit}")
+
+
+# ---------------------------------------------------------------------------- speculative decoding (--draft)
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3,"  # an answer that repeats its prompt: prompt lookup's proposals are kept
+SPECULATION = re.compile(r"speculation: (\d+) of (\d+) proposed tokens accepted \((\d+)%\)$")
+
+
+def test_generate_with_prompt_lookup_prints_the_greedy_text_and_the_acceptance_rate(smollm2_dir):
+    """Speculation changes how fast, not what: the text is the greedy one without it. The stats line counts the
+    proposals as the API does for the same --num-speculative-tokens (2, not the default 4: it is passed on)."""
+    result = run("generate", "--model", str(smollm2_dir), "--prompt", COUNTING, "--max-new-tokens", "16",
+                 "--no-compile", "--draft", "prompt-lookup", "--num-speculative-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    llm = llama.Llama.from_pretrained(smollm2_dir, device="cpu", progress=False)
+    assert result.stdout == llm.generate(COUNTING, max_new_tokens=16)[0].text + "\n"
+    llm.generate(COUNTING, max_new_tokens=16, draft="prompt-lookup", num_speculative_tokens=2)
+    printed = SPECULATION.search(result.stderr.splitlines()[-1])
+    assert printed and "tok/s" in result.stderr.splitlines()[-1], result.stderr
+    assert (int(printed[1]), int(printed[2])) == (llm.stats.accepted_tokens, llm.stats.proposed_tokens)
+    assert llm.stats.accepted_tokens > 0
+
+
+def test_chat_with_the_model_itself_as_draft_accepts_every_proposal(smollm2_dir):
+    """A draft with the model's own weights proposes the model's own greedy tokens: all are kept (100%), and the
+    answer is the one without a draft. The draft model's loading is shown as the model's is."""
+    question = "What is the capital of France?"
+    result = run("chat", "--model", str(smollm2_dir), "--prompt", question, "--temperature", "0",
+                 "--max-new-tokens", "12", "--no-compile", "--draft", str(smollm2_dir))
+    assert result.returncode == 0, result.stderr
+    llm = llama.Llama.from_pretrained(smollm2_dir, device="cpu", progress=False)
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+    assert result.stdout == llm.generate(ids, max_new_tokens=12)[0].text + "\n"
+    assert f"loading the draft model {smollm2_dir}" in result.stderr
+    printed = SPECULATION.search(result.stderr.splitlines()[-1])
+    assert printed and printed[1] == printed[2] != "0" and printed[3] == "100", result.stderr
+
+
+@pytest.fixture(scope="module")
+def foreign_draft(tmp_path_factory):
+    """A random checkpoint with another vocabulary (320 tokens; SmolLM2 has 49152) and a 256-position context."""
+    folder = tmp_path_factory.mktemp("draft")
+    write_hf_checkpoint(folder, shrink(official_config("llama-2-7b"), max_position_embeddings=256))
+    return folder
+
+
+def test_draft_with_another_vocabulary_is_one_line_naming_it(smollm2_dir, foreign_draft):
+    """Found once both are loaded (the tokenizers are compared too): exit 2, one error line, no traceback."""
+    result = run("generate", "--model", str(smollm2_dir), "--prompt", "hi", "--no-compile", "--draft",
+                 str(foreign_draft))
+    errors = [line for line in result.stderr.splitlines() if "error" in line or "Traceback" in line]
+    assert result.returncode == 2 and not result.stdout, result.stderr
+    assert errors == [f"llama: error: --draft {foreign_draft}: its vocabulary has 320 tokens, the model's 49152; a "
+                      f"draft model must share the model's tokenizer"], result.stderr
+
+
+@pytest.mark.parametrize("name,named", [("no/such/folder", "no such folder"), ("empty", "holds no checkpoint")])
+def test_missing_draft_checkpoint_is_one_line_before_loading(smollm2_dir, tmp_path, name, named):
+    (tmp_path / "empty").mkdir()
+    assert_fails_fast(run("generate", "--prompt", "hi", "--model", str(smollm2_dir), "--draft", str(tmp_path / name)),
+                      f"--draft {tmp_path / name}", named)
+
+
+def test_max_seq_len_beyond_the_drafts_context_is_refused_before_loading(smollm2_dir, foreign_draft):
+    """The draft's cache holds as many positions as the model's."""
+    assert_fails_fast(run("generate", "--prompt", "hi", "--model", str(smollm2_dir), "--max-seq-len", "512",
+                          "--draft", str(foreign_draft)), f"--draft {foreign_draft}", "max_position_embeddings=256",
+                      "--max-seq-len 512")
 
 
 # config.json edits: each names the file and the key
@@ -376,7 +451,7 @@ def test_help_lists_examples_and_environment_variables():
     assert "llama generate --prompt" in help.split("examples:")[1]
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "quantize", "perplexity", "download"])
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "quantize", "perplexity", "download"])
 def test_every_option_shows_its_default(command):
     result = run(command, "--help")
     assert result.returncode == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -463,6 +464,27 @@ def test_sigterm_lets_the_stream_in_flight_finish_and_exits_0(smollm2_dir, tmp_p
         assert own.log.read_text().splitlines()[-1].endswith("stopped")
     finally:
         own.stop()
+
+
+# ---------------------------------------------------------------------------- speculative decoding
+def test_server_with_prompt_lookup_answers_as_generate_does(smollm2_dir, tmp_path, reference):
+    """`--draft prompt-lookup`: every request is decoded speculatively (the server counts the proposals it verified,
+    and says so when it stops), and a greedy answer is generate's without speculation, token for token. The prompt's
+    answer repeats it, so proposals are kept."""
+    prompt = "1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3,"
+    expected = reference.generate(prompt, max_new_tokens=16)[0]
+    own = start_server(smollm2_dir, tmp_path / "stderr", "--max-batch-size", "2", "--draft", "prompt-lookup")
+    try:
+        client = openai.OpenAI(base_url=f"{own.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0)
+    finally:
+        assert own.stop() == 0, own.log.read_text()[-2000:]
+    assert answer.choices[0].text == expected.text
+    assert answer.usage.completion_tokens == len(expected.token_ids)
+    *_, counted, stopped = own.log.read_text().splitlines()
+    accepted, proposed = map(int, re.fullmatch(r"speculation: (\d+) of (\d+) proposed tokens accepted \(\d+%\)",
+                                               counted).groups())
+    assert 0 < accepted <= proposed and stopped == "stopped"
 
 
 # ---------------------------------------------------------------------------- bad flags
