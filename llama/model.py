@@ -186,18 +186,27 @@ class KVCache(nn.Module):
 # ---------------------------------------------------------------------------- Linear
 class Linear(nn.Linear):
     """y = x W^T + b, W: [out, in]. nn.Linear, but for a few rows compiled for a CPU the product is written as the
-    sum over the input features, output feature by output feature: Inductor turns that into one vectorised loop
-    that streams W from memory at ~26 GB/s on this project's 2-core machine, where torch's matmul (MKL) reads W at
-    ~11 GB/s for one row (docs/benchmarks.md, CPU). A decode step reads every weight once, so this sets the CPU's
-    decode speed; a speculative verify step (a few tokens a row) reads each row of W once for all its tokens."""
+    sum over the input features: Inductor turns that into one vectorised loop that streams W from memory at
+    ~26 GB/s on this project's 2-core machine, where torch's matmul (MKL) reads W at ~11 GB/s for one row
+    (docs/benchmarks.md, CPU). A decode step reads every weight once, so this sets the CPU's decode speed.
+
+    For a speculative verify step (a few tokens a row) a W larger than the caches (the output projection) is
+    summed output feature by output feature, so that each of its rows is read from memory once for all the tokens;
+    a smaller W is read once per token, from the caches. (Summed by output feature, the result is laid out [out, N],
+    and Inductor carries that layout into the ops after it, which then run ~10x slower: a layer's W stays in the
+    token-major sum.)"""
 
     SMALL = 8  # rows (tokens) up to which the CPU's compiled product is written out
+    CACHED = 32 * 2**20  # bytes of W that stay in the CPU's caches between rows
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() <= self.SMALL:
-            rows = x.reshape(1, -1, x.shape[-1])  # [1, N, in]
-            y = (self.weight[:, None, :] * rows).sum(-1).t()  # [out, 1, in] * [1, N, in] -> [out, N] -> [N, out]
-            y = y.reshape(*x.shape[:-1], -1)
+            if self.weight.numel() * self.weight.element_size() > self.CACHED:
+                rows = x.reshape(1, -1, x.shape[-1])  # [1, N, in]
+                y = (self.weight[:, None, :] * rows).sum(-1).t()  # [out, 1, in] * [1, N, in] -> [out, N] -> [N, out]
+                y = y.reshape(*x.shape[:-1], -1)
+            else:
+                y = (x.unsqueeze(-2) * self.weight).sum(-1)  # [..., 1, in] * [out, in] -> [..., out]
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
