@@ -5,10 +5,11 @@
     python scripts/bench_speculative.py --gpu                 # GPU, Llama-3.1-8B shape, random bf16, compiled
     python scripts/bench_speculative.py --gpu --tiny --device cpu   # smoke test of the GPU part's code
 
-CPU: two input-grounded tasks through the chat format (rewrite a given 40-line function with one name changed;
-summarise a given passage), greedy, compiled. For each, plain decoding and prompt lookup with each k in --ks,
-alternating, best of --repeats: tok/s (new tokens over the wall time of the whole call, prefill included), the
-ratio to plain, the acceptance rate, tokens per verify step, and whether the text is identical (it must be).
+CPU: two input-grounded tasks through the chat format (rewrite a given 40-line function with one name changed, the
+answer started with the new name; summarise a given passage), greedy, compiled. For each, plain decoding and
+prompt lookup with each k in --ks, alternating, best of --repeats: tok/s (new tokens over the wall time of the
+whole call, prefill included), the ratio to plain, the acceptance rate, tokens per verify step, and whether the
+text is identical (it must be).
 
 GPU: random weights cannot give a real acceptance rate, so this measures the machinery. (1) The compiled verify
 step of k + 1 tokens beside one compiled decode step (CUDA events, batch 1, at position ~300). (2) An oracle
@@ -71,12 +72,14 @@ def print_summary(orders):
 PASSAGE_FILE = Path("/usr/share/common-licenses/GPL-3")
 
 
-def tasks() -> dict[str, str]:
+def tasks() -> dict[str, tuple[str, str]]:
+    """name -> (the user's message, the start of the answer). The rename's answer is started with the renamed
+    signature (prefilling the answer: a 135M model told only to rename tends to rewrite the code instead)."""
     passage = " ".join(PASSAGE_FILE.read_text().split("Preamble", 1)[1].split()[:330])
     return {
-        "rename": "Rewrite this Python code with the function summarize_orders renamed to customer_report. "
-                  "Change nothing else.\n\n" + FUNCTION,
-        "summarise": "Summarise the following passage, quoting its key sentences.\n\n" + passage,
+        "rename": ("Rewrite this Python code with the function summarize_orders renamed to customer_report. "
+                   "Change nothing else.\n\n" + FUNCTION, "```python\ndef customer_report("),
+        "summarise": ("Summarise the following passage, quoting its key sentences.\n\n" + passage, ""),
     }
 
 
@@ -95,8 +98,9 @@ def cpu_bench(args: argparse.Namespace) -> None:
     ks = [int(k) for k in args.ks.split(",")]
     print(f"SmolLM2-135M-Instruct, float32, {args.threads} threads, compile={args.compile}, greedy, "
           f"{args.new_tokens} new tokens; torch {torch.__version__}")
-    for name, text in tasks().items():
+    for name, (text, answer_start) in tasks().items():
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+        prompt += llm.tokenizer.encode(answer_start, bos=False) if answer_start else []
         for k in ks:  # warm-up: compiles the verify shapes (k + 1 tokens a row) before anything is timed
             timed(llm, prompt, 16, "prompt-lookup", k)
         best: dict[int | None, float] = {}
