@@ -18,7 +18,14 @@ from llama.hub import resolve_model
 from llama.model import Linear, Transformer
 from llama.quant import QuantizationConfig
 from llama.scheduler import Output, Request, Scheduler
-from llama.speculative import DEFAULT_SPECULATIVE_TOKENS, PROMPT_LOOKUP, DraftModel, PromptLookup, check_draft
+from llama.speculative import (
+    DEFAULT_SPECULATIVE_TOKENS,
+    PROMPT_LOOKUP,
+    DraftModel,
+    PromptLookup,
+    check_draft,
+    pack_for_verify,
+)
 from llama.tokenizer import Tokenizer, load_tokenizer
 from llama.tp import TensorParallel, shared_seed
 from llama.weights import CheckpointError, find_checkpoint, load_model
@@ -423,8 +430,10 @@ class Llama:
         if speculation is None:
             return None
         draft, k = speculation
+        pack_for_verify(self.model)
         if isinstance(draft, str):
             return PromptLookup(k)
+        pack_for_verify(draft.model)
         if draft._cache_shape != self._cache_shape:
             draft._release_cache()
             draft.model.setup_cache(*self._cache_shape)

@@ -15,6 +15,7 @@ Nothing here loads files, samples tokens or parses arguments: see weights.py, ge
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -185,28 +186,26 @@ class KVCache(nn.Module):
 
 # ---------------------------------------------------------------------------- Linear
 class Linear(nn.Linear):
-    """y = x W^T + b, W: [out, in]. nn.Linear, but for a few rows compiled for a CPU the product is written as the
+    """y = x W^T + b, W: [out, in]. nn.Linear, but for one row compiled for a CPU the product is written as the
     sum over the input features: Inductor turns that into one vectorised loop that streams W from memory at
     ~26 GB/s on this project's 2-core machine, where torch's matmul (MKL) reads W at ~11 GB/s for one row
     (docs/benchmarks.md, CPU). A decode step reads every weight once, so this sets the CPU's decode speed.
 
-    For a speculative verify step (a few tokens a row) a W larger than the caches (the output projection) is
-    summed output feature by output feature, so that each of its rows is read from memory once for all the tokens;
-    a smaller W is read once per token, from the caches. (Summed by output feature, the result is laid out [out, N],
-    and Inductor carries that layout into the ops after it, which then run ~10x slower: a layer's W stays in the
-    token-major sum.)"""
+    A speculative verify step on a CPU (a few tokens a row) has a product of its own, `few_rows`, attached from
+    outside (speculative.pack_for_verify: oneDNN's matmul with W prepacked, which reads W once for all the rows)."""
 
-    SMALL = 8  # rows (tokens) up to which the CPU's compiled product is written out
-    CACHED = 32 * 2**20  # bytes of W that stay in the CPU's caches between rows
+    SMALL = 17  # rows (tokens) up to which `few_rows` is used (a verify step of up to 16 proposals)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **factory):
+        super().__init__(in_features, out_features, bias, **factory)
+        self.few_rows: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() <= self.SMALL:
-            if self.weight.numel() * self.weight.element_size() > self.CACHED:
-                rows = x.reshape(1, -1, x.shape[-1])  # [1, N, in]
-                y = (self.weight[:, None, :] * rows).sum(-1).t()  # [out, 1, in] * [1, N, in] -> [out, N] -> [N, out]
-                y = y.reshape(*x.shape[:-1], -1)
-            else:
-                y = (x.unsqueeze(-2) * self.weight).sum(-1)  # [..., 1, in] * [out, in] -> [..., out]
+        rows = x.shape[:-1].numel()
+        if self.few_rows is not None and 1 < rows <= self.SMALL:
+            return self.few_rows(x)
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and rows == 1:
+            y = (x.unsqueeze(-2) * self.weight).sum(-1)  # [..., 1, in] * [out, in] -> [..., out]
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
