@@ -249,6 +249,7 @@ class Llama:
                                     | set(tokenizer.eos_ids if tokenizer else ()))
         self.stats = GenerationStats()  # of the last generate / stream call
         self._cache_shape: tuple[int, int] | None = None  # (batch, length) of the allocated KV cache
+        self._verify_ready = False  # speculative decoding's verify step prepared (`_prepare_verify`)
 
     @classmethod
     def from_pretrained(
@@ -430,15 +431,30 @@ class Llama:
         if speculation is None:
             return None
         draft, k = speculation
-        pack_for_verify(self.model)
+        self._prepare_verify()
         if isinstance(draft, str):
             return PromptLookup(k)
-        pack_for_verify(draft.model)
         if draft._cache_shape != self._cache_shape:
             draft._release_cache()
             draft.model.setup_cache(*self._cache_shape)
             draft._cache_shape = self._cache_shape
+        draft._prepare_verify()
         return DraftModel(draft.model, draft._decode_step, k)
+
+    def _prepare_verify(self) -> None:
+        """On a CPU, once: the verify step's products (speculative.pack_for_verify), and with `compile=True` its
+        layers compiled for a few tokens now, as `compile_layers` compiles them for one token at load (compiled in
+        the first answer, they would count in its decode speed). Needs the cache set up; the positions it writes in
+        row 0 are written again by the next prefill."""
+        if self._verify_ready or self.device.type != "cpu":
+            return
+        pack_for_verify(self.model)
+        if isinstance(self._decode_step, CompiledDecodeStep):
+            with torch.inference_mode():
+                for T in (2, 3):  # (at the second length Dynamo compiles for any)
+                    tokens = torch.zeros(1, T, dtype=torch.long, device=self.device)
+                    self.model(tokens, input_pos=torch.arange(T, device=self.device)[None], span=T)
+        self._verify_ready = True
 
     def _checked(self, max_new_tokens: int, params: SamplingParams, seed: int | None, stop: str | Sequence[str] | None,
                  stop_token_ids: int | Sequence[int] | None) -> tuple[int, int | None, list[str], list[int]]:
