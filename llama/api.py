@@ -23,6 +23,7 @@ from llama.speculative import (
     PROMPT_LOOKUP,
     DraftModel,
     PromptLookup,
+    acceptance,
     check_draft,
     pack_for_verify,
 )
@@ -65,10 +66,7 @@ class GenerationStats:
         decode = self.decoded_tokens / max(self.decode_seconds, 1e-9)
         line = (f"prefill: {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s ({prefill:.1f} tok/s); "
                 f"decode: {self.new_tokens} tokens in {self.decode_seconds:.2f} s ({decode:.1f} tok/s)")
-        if self.proposed_tokens:
-            line += (f"; speculation: {self.accepted_tokens} of {self.proposed_tokens} proposed tokens accepted "
-                     f"({self.acceptance_rate:.0%})")
-        return line
+        return line + (f"; {acceptance(self.accepted_tokens, self.proposed_tokens)}" if self.proposed_tokens else "")
 
 
 def default_device_and_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None,
@@ -484,7 +482,7 @@ class Llama:
                     f"{len(prompt) + max_new_tokens} positions, more than max_seq_len={self.max_seq_len}"
                 )
         self._ensure_cache(len(ids), max(map(len, ids)) + max_new_tokens)
-        # One random stream for the call's rows (under tensor parallelism every rank must draw the same tokens)
+        # Unseeded, the rows draw from the scheduler's stream, seeded alike on every rank (tensor parallelism)
         scheduler = Scheduler(self.model, self._decode_step, self.tokenizer, self.eos_token_ids, shared_seed(seed),
                               speculator=self._speculator(speculation))
         # With a seed, prompt i is seeded with seed + i (as the server's n choices): each row repeats whatever else

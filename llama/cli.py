@@ -546,6 +546,7 @@ def _serve(args: argparse.Namespace) -> int:
     import socket
 
     from llama.server import serve
+    from llama.speculative import acceptance
 
     try:  # (a port in use is found now, not after loading the model)
         with socket.create_server((args.host, args.port)):
@@ -563,10 +564,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     engine = serve(llm, args.host, args.port, name, args.max_batch_size, args.max_waiting, args.api_key, ready,
                    args.debug, **speculation)
-    proposed, accepted = engine.scheduler.proposed_tokens, engine.scheduler.accepted_tokens
-    if proposed:  # (as generate's stats line says it, over the requests served)
-        print(f"speculation: {accepted} of {proposed} proposed tokens accepted ({accepted / proposed:.0%})",
-              file=sys.stderr)
+    if engine.scheduler.proposed_tokens:  # (as generate's stats line says it, over the requests served)
+        print(acceptance(engine.scheduler.accepted_tokens, engine.scheduler.proposed_tokens), file=sys.stderr)
     print("stopped", file=sys.stderr)
     return 0
 

@@ -108,7 +108,6 @@ class RowParams:
                    column([p.top_p for p in params]), column([p.min_p for p in params]),
                    column([p.repetition_penalty for p in params]), largest_k, frozenset(uses))
 
-
     def repeat_interleave(self, n: int) -> RowParams:
         """Each row's parameters n times over, [B * n, 1]: for n positions of each row ([B, n, V] logits viewed as
         [B * n, V])."""

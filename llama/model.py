@@ -365,8 +365,9 @@ class Transformer(nn.Module):
             positions = input_pos = input_pos.expand(B, T)  # [B, T]
         mask = None
         cache = self.layers[0].attention.cache
-        if cache is not None and (T == 1 or span is not None):  # decode or verify: token t of row b sees cache
-            S = cache.k.shape[2]                                   # slots 0..input_pos[b, t], in every layer
+        if cache is not None and (T == 1 or span is not None):
+            # A decode or verify step: token t of row b sees cache slots 0..input_pos[b, t], in every layer
+            S = cache.k.shape[2]
             slots = torch.arange(S if span is None else min(span, S), device=tokens.device)  # [L]
             mask = (slots <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
         x = self.embed_tokens(tokens)  # [B, T, C]

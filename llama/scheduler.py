@@ -341,7 +341,7 @@ class Scheduler:
             # each row's two latest tokens (the first was generated or is the prompt's last), at positions - 1, +0
             latest = [([job.request.prompt[-1]] + job.output.token_ids[-2:])[-2:] if job else [0, 0] for job in rows]
             races = self._random(rows, params, (k, self.vocab_size), exponential_race)
-            proposals, q = self.speculator.propose(to_device(torch.tensor(latest), self.device),
+            proposals, q = self.speculator.propose(self._on_device(latest),
                                                    self._on_device([[p - 1, p] for p in positions]), span, params,
                                                    races)
             counts = budget
@@ -351,7 +351,7 @@ class Scheduler:
             counts = [len(proposal) for proposal in lists]
             if not any(counts):
                 return False
-            k, q = max(counts), None
+            k, q = max(counts), None  # (the verify step is as wide as the longest proposal)
             proposals = self._on_device([p + [0] * (k - len(p)) for p in lists])  # [B, k]
         # The row's latest token and its proposals, at the positions that follow (past the cache: its last slot,
         # where only padding or a free row's tokens go)
@@ -458,7 +458,7 @@ class Scheduler:
             and any(j.generating for j in self.running.values()) else 0
         while len(self.launches) > lag:
             launch = self.launches.popleft()
-            tensors = launch.read()  # the only host synchronisation
+            tensors = launch.read()  # the host's wait for the device (and, speculating, `_speculate`'s)
             for job, index in launch.jobs:
                 if job.done:
                     continue

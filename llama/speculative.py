@@ -104,7 +104,7 @@ class DraftModel:
     def __init__(self, model: Transformer, decode: Callable[..., Tensor] = decode_step,
                  num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS):
         self.model, self.decode, self.k = model, decode, num_speculative_tokens
-        self.verify = getattr(decode, "verify", None)
+        self.verify = getattr(decode, "verify", verify_step)  # (a compiled step brings its own)
 
     def admit(self, tokens: Tensor, lengths: Tensor, rows: Tensor) -> None:
         """Prefill the draft's cache rows with prompts (right-padded [n, T], as the scheduler prefills them)."""
@@ -117,7 +117,7 @@ class DraftModel:
         token goes); races [B, k, V] Exp(1) draws for the sampled rows (None: every row greedy)
         -> proposals [B, k], and their distributions q [B, k, V] (float32)."""
         length = self.model.layers[0].attention.cache.k.shape[2]
-        logits = (self.verify or verify_step)(self.model, latest, positions, span)[:, -1]  # [B, V]
+        logits = self.verify(self.model, latest, positions, span)[:, -1]  # [B, V]
         proposals, q = [], []
         for j in range(self.k):
             q.append(distributions(logits.float(), params, None))  # [B, V]
@@ -192,6 +192,11 @@ def _packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features:
 @_packed_linear.register_fake
 def _(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+def acceptance(accepted: int, proposed: int) -> str:
+    """How a run's speculation went, as the command line prints it (after generating, and when a server stops)."""
+    return f"speculation: {accepted} of {proposed} proposed tokens accepted ({accepted / proposed:.0%})"
 
 
 def check_draft(draft: object, target_vocab_size: int, target_tokenizer: object | None) -> None:

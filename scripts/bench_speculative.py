@@ -20,6 +20,7 @@ with it, beside plain decoding.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import CONFIGS, TINY, random_engine_model, sync  # noqa: E402 (scripts/ is on sys.path above)
+
 from llama.api import Llama  # noqa: E402
 from llama.scheduler import Request, Scheduler  # noqa: E402
 
@@ -139,15 +142,12 @@ class Oracle:
 
 
 def gpu_bench(args: argparse.Namespace) -> None:
-    from bench import CONFIGS, TINY, random_engine_model
-
     from llama.config import ModelConfig
     from llama.generate import decode_step, verify_step
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = ModelConfig.from_hf_config(TINY if args.tiny else
-                                        __import__("json").loads((CONFIGS / "llama-3.1-8b.json").read_text()))
+    config = ModelConfig.from_hf_config(TINY if args.tiny else json.loads((CONFIGS / "llama-3.1-8b.json").read_text()))
     model = random_engine_model(config, device, dtype)
     llm = Llama(model, max_seq_len=1024, max_batch_size=1, compile=args.compile)
     k = args.k
@@ -189,7 +189,7 @@ def gpu_bench(args: argparse.Namespace) -> None:
     new = args.new_tokens
     plain_s, plain = float("inf"), None
     for _ in range(args.repeats):  # the first run compiles
-        seconds, plain = run_scheduler(llm, prompt, new, None)
+        seconds, plain, _ = run_scheduler(llm, prompt, new, None)
         plain_s = min(plain_s, seconds)
     agree = teacher_forced_agreement(llm, verify, prompt, plain, k)
     print(f"the plain run's tokens fed to verify steps of {k + 1}: the verify's argmax is the plain run's next token "
@@ -198,11 +198,11 @@ def gpu_bench(args: argparse.Namespace) -> None:
     # the oracle is the speculative run's own text, found by running with the previous run's text until it repeats.
     reference, rounds = plain, 0
     for rounds in range(1, 6):
-        _, tokens, rate = run_scheduler(llm, prompt, new, Oracle(reference, k), rate=True)
+        _, tokens, rate = run_scheduler(llm, prompt, new, Oracle(reference, k))
         if tokens == reference:
             break
         reference = tokens
-    oracle_s = min(run_scheduler(llm, prompt, new, Oracle(reference, k), rate=True)[0] for _ in range(args.repeats))
+    oracle_s = min(run_scheduler(llm, prompt, new, Oracle(reference, k))[0] for _ in range(args.repeats))
     print(f"plain {new / plain_s:.1f} tok/s; oracle (k={k}) {new / oracle_s:.1f} tok/s: {plain_s / oracle_s:.2f}x "
           f"(target >= 3.2x); acceptance {rate:.0%} (oracle text found in {rounds} run(s); "
           f"{sum(a == b for a, b in zip(reference, plain))}/{new} tokens as the plain run's)")
@@ -226,32 +226,26 @@ def time_calls(fn, device: torch.device, calls: int) -> float:
     """Milliseconds per call, after warm-up calls (the first compiles)."""
     for _ in range(3):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - start) / calls * 1e3
 
 
-def run_scheduler(llm: Llama, prompt: list[int], new_tokens: int, speculator, rate: bool = False):
-    """One request through the scheduler (as Llama.generate runs it): wall seconds and tokens (and the
-    acceptance rate)."""
+def run_scheduler(llm: Llama, prompt: list[int], new_tokens: int, speculator) -> tuple[float, list[int], float]:
+    """One request through the scheduler (as Llama.generate runs it): wall seconds, tokens, acceptance rate."""
     llm._ensure_cache(1, len(prompt) + new_tokens)
     scheduler = Scheduler(llm.model, llm._decode_step, None, [], seed=0, speculator=speculator)
-    if llm.device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(llm.device)
     start = time.perf_counter()
     job = scheduler.submit(Request(prompt, new_tokens, ignore_eos=True))
     for _ in scheduler.run([job]):
         pass
     seconds = time.perf_counter() - start
     assert len(job.output.token_ids) == new_tokens
-    if rate:
-        return seconds, job.output.token_ids, scheduler.accepted_tokens / max(scheduler.proposed_tokens, 1)
-    return seconds, job.output.token_ids
+    return seconds, job.output.token_ids, scheduler.accepted_tokens / max(scheduler.proposed_tokens, 1)
 
 
 def main() -> None:
