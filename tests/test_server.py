@@ -363,11 +363,16 @@ def test_health_needs_no_api_key(small_server):
 
 # ---------------------------------------------------------------------------- load and disconnection
 def test_requests_beyond_the_waiting_limit_get_503_and_the_others_complete(small_client, reference):
-    """One row and one waiting place: of 6 requests sent at once, the first runs, the next waits, the rest are
-    refused (503, which the openai client raises as an InternalServerError)."""
+    """One row and one waiting place. A long stream holds the row (its first chunk shows it is running); of 5
+    requests sent at once, the first to arrive waits and the other 4 are refused (503, which the openai client raises
+    as an InternalServerError). Closing the stream frees the row and the waiting request completes."""
     expected = reference.generate("Once upon a time", max_new_tokens=8)[0].text
-    start = threading.Barrier(6)
-    outcomes: list = [None] * 6
+    holder = small_client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=400, temperature=0,
+                                             stream=True, extra_body={"ignore_eos": True})
+    next(iter(holder))
+    start = threading.Barrier(5)
+    outcomes: list = [None] * 5
+    refusals = threading.Semaphore(0)
 
     def ask(index: int) -> None:
         start.wait()
@@ -376,17 +381,20 @@ def test_requests_beyond_the_waiting_limit_get_503_and_the_others_complete(small
                                                               temperature=0).choices[0].text
         except openai.APIStatusError as e:
             outcomes[index] = e
+            refusals.release()
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
     for thread in threads:
         thread.start()
+    for _ in range(4):  # (the refusals come back while the row is still held)
+        assert refusals.acquire(timeout=60)
+    holder.close()
     for thread in threads:
         thread.join(timeout=120)
     refused = [o for o in outcomes if isinstance(o, openai.APIStatusError)]
     completed = [o for o in outcomes if isinstance(o, str)]
-    assert len(refused) + len(completed) == 6
-    assert len(completed) >= 2 and all(text == expected for text in completed)
-    assert refused and all(isinstance(e, openai.InternalServerError) and e.status_code == 503 for e in refused)
+    assert len(refused) == 4 and completed == [expected]
+    assert all(isinstance(e, openai.InternalServerError) and e.status_code == 503 for e in refused)
     assert all(e.body["code"] == "overloaded" and e.response.headers["Retry-After"] == "1" for e in refused)
 
 
