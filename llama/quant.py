@@ -20,11 +20,13 @@ Stored layout (the layers' buffers, and the tensors of a saved checkpoint, suffi
     int8   qweight int8 [N, K], scales [N]
     int4   qweight uint8 [N, Kp / 2] (q[n, 2j] in the low nibble of byte j, q[n, 2j+1] in the high one),
            scales and mins [N, Kp / G]; Kp = K rounded up to a multiple of G (the padding's inputs are zero)
-How a layer multiplies: on a GPU, the Triton kernels of quant_kernels.py read this layout directly; on a CPU, one
-row goes through torch's own weight-only ops (int4 from a copy in their layout that `pack` makes), a prefill is
-dequantized and multiplied by one dense matmul, and under torch.compile the one-row product is written as a plain
-reduction for Inductor's C++ backend. `use_reference` switches every layer to the plain formula (dequantize, then
-`F.linear`), the path the kernels are tested against.
+How a layer multiplies: on a GPU, the Triton kernels of quant_kernels.py read this layout directly; on a CPU, a
+float32 decode step (up to quant_cpu.MAX_ROWS rows) goes through the C++ kernels of quant_cpu.py, which read it
+directly too, and a prefill is dequantized and multiplied by one dense matmul. Where those kernels cannot be built,
+or x is not float32, one row goes through torch's own weight-only ops (int4 from a copy in their layout that
+`pack` makes), or under torch.compile through the product written as a plain reduction for Inductor's C++ backend.
+`use_reference` switches every layer to the plain formula (dequantize, then `F.linear`), the path the kernels are
+tested against.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from llama import quant_cpu
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -149,6 +153,8 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.kernel = True  # False: the reference formula
+        self.packed = False  # `pack` has run (the loader calls it; a layer made by hand, at its first product)
+        self.native = False  # the C++ kernels of quant_cpu.py (chosen by `pack` on a CPU)
 
     def load_rows_(self, start: int, dense: Tensor) -> None:
         """Quantize dense rows [n, K] (any float dtype, any device) into rows start .. start + n."""
@@ -160,17 +166,25 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.kernel and (x.is_cuda or rows == 1):
+        if not self.packed and not x.is_cuda:
+            self.pack()
+        if self.kernel and (x.is_cuda or rows == 1 or self._native(x, rows)):
             y = self._kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], self.out_features)
         else:  # (on a CPU, a prefill is faster as dequantize + one dense matmul than in torch's weight-only ops)
             y = F.linear(x, self.dequantized().to(x.dtype))
         return y if self.bias is None else y + self.bias
 
+    def _native(self, x: Tensor, rows: int) -> bool:
+        return self.native and x.dtype == torch.float32 and rows <= quant_cpu.MAX_ROWS
+
     def _kernel(self, x: Tensor) -> Tensor:  # x [M, K] -> [M, N]
         raise NotImplementedError
 
     def pack(self) -> None:
-        """Give the device's kernel the layout it reads, where it is not the stored one."""
+        """On a CPU, take the C++ kernels for a float32 layer where they can be built (quant_cpu.ops)."""
+        self.packed = True
+        if self.qweight.device.type == "cpu" and self.scales.dtype == torch.float32:
+            self.native = quant_cpu.ops() is not None
 
 
 class Int8Linear(QuantizedLinear):
@@ -195,6 +209,8 @@ class Int8Linear(QuantizedLinear):
             from llama.quant_kernels import int8_linear
 
             return int8_linear(x, self.qweight, self.scales)
+        if self._native(x, len(x)):
+            return torch.ops.llamaref_cpu.int8_linear(x.contiguous(), self.qweight, self.scales)
         if torch.compiler.is_compiling():  # Inductor's C++ backend fuses this into one loop over the int8 weights
             return (x[:, None, :] * self.qweight.to(x.dtype)).sum(-1) * self.scales
         return torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
@@ -228,18 +244,22 @@ class Int4Linear(QuantizedLinear):
             from llama.quant_kernels import int4_linear
 
             return int4_linear(x, self.qweight, self.scales, self.mins, self.group_size)
+        if self._native(x, len(x)):
+            return torch.ops.llamaref_cpu.int4_linear(x.contiguous(), self.qweight, self.scales, self.mins,
+                                                      self.group_size)
         if torch.compiler.is_compiling():
             G = self.group_size
             q = unpack_int4(self.qweight).view(self.out_features, -1, G).to(x.dtype)  # [N, Kp/G, G]
             w = q * self.scales[..., None] + self.mins[..., None]
             return (x.view(x.shape[0], 1, -1, G) * w).sum((-1, -2))
-        self.pack()
         return torch._weight_int4pack_mm_for_cpu(x, self.cpu_qweight, self.group_size, self.cpu_scales_and_zeros)
 
     def pack(self) -> None:
-        """On a CPU: torch's int4 kernel reads its own layout, q - 8 beside a zero point (zero = min + 8 * scale),
-        kept beside the stored one (which the prefill dequantizes, and a saved checkpoint holds)."""
-        if hasattr(self, "cpu_qweight") or self.qweight.device.type != "cpu":
+        """On a CPU without the C++ kernels: torch's int4 kernel reads its own layout, q - 8 beside a zero point
+        (zero = min + 8 * scale), kept beside the stored one (which the prefill dequantizes, and a saved checkpoint
+        holds)."""
+        super().pack()
+        if self.native or hasattr(self, "cpu_qweight") or self.qweight.device.type != "cpu":
             return
         q = unpack_int4(self.qweight).to(torch.int32)  # [N, Kp]
         zeros = (self.mins.float() + 8 * self.scales.float()).to(self.scales.dtype)

@@ -6,6 +6,7 @@
 
     python scripts/cpu_decode.py --profile [--compile]   # where a decode step's time goes (torch.profiler)
     python scripts/cpu_decode.py --side-by-side          # eager, compile=True, the whole step as one graph
+    python scripts/cpu_decode.py --kernels               # the one-row products alone, over SmolLM2's matrices
 
 Prints prefill and decode tok/s of 128 new tokens (after a 32-token warm-up, which also compiles); compare with
 `../shared/tools/llama-cpp-anchor.sh bench` run just before or after, with nothing else using the CPUs.
@@ -37,8 +38,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile 20 decode steps instead")
     parser.add_argument("--side-by-side", type=int, metavar="REPEATS",
                         help="time eager, compile=True and the whole step compiled as one graph, alternating")
+    parser.add_argument("--kernels", action="store_true", help="time the one-row products alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.kernels:
+        kernel_sweep()
+        return
     if args.side_by_side:
         side_by_side(args.quantize, args.group_size, args.side_by_side)
         return
@@ -89,6 +94,39 @@ def side_by_side(quantize: str | None, group_size: int | None, repeats: int, ste
             best[name] = min(best[name], run())
     print(f"best of {repeats}, {steps} steps each: " + ", ".join(
         f"{name} {ms * 1e3:.2f} ms = {1 / ms:.1f} tok/s" for name, ms in best.items()))
+
+
+def kernel_sweep(repeats: int = 8) -> None:
+    """One-row products over the 120 matrices of SmolLM2's blocks in turn (random weights of its shapes: 107 M
+    weights, more than the last-level cache holds, so they come from memory, as in a decode step): float32
+    F.linear (MKL), the float32 sum Inductor compiles for model.Linear, and the C++ kernels of quant_cpu.py in
+    int8 and int4 (groups of 32 and 64). Best of `repeats` sweeps; GB/s counts every byte of weights and scales."""
+    import torch.nn.functional as F
+
+    from llama import quant, quant_cpu
+
+    ops = quant_cpu.ops()
+    assert ops is not None, "the CPU kernels could not be built"
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30  # qkv, o, gate_up, down; 30 layers
+    torch.manual_seed(0)
+    xs = {576: torch.randn(1, 576), 1536: torch.randn(1, 1536)}
+    dense = [(torch.randn(n, k),) for n, k in shapes]
+    summed = torch.compile(lambda x, w: (x[:, None, :] * w).sum(-1), dynamic=False)
+    variants = [("float32 F.linear", lambda x, w: F.linear(x, w), dense),
+                ("float32 sum, Inductor", summed, dense),
+                ("int8 (ours)", ops.int8_linear, [quant.quantize_int8(w) for w, in dense])]
+    for G in (32, 64):
+        variants.append((f"int4 g{G} (ours)", lambda x, *t, G=G: ops.int4_linear(x, *t, G),
+                         [quant.quantize_int4(w, G) for w, in dense]))
+    for name, product, matrices in variants:
+        size = sum(t.numel() * t.element_size() for tensors in matrices for t in tensors)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for (_, k), tensors in zip(shapes, matrices):
+                product(xs[k], *tensors)
+            best = min(best, time.perf_counter() - start)
+        print(f"{name:22s} {best * 1e3:6.2f} ms for {size / 1e6:4.0f} MB: {size / best / 1e9:5.1f} GB/s")
 
 
 def profile_decode(llm: Llama, steps: int) -> None:

@@ -13,7 +13,7 @@ import torch
 from conftest import official_config, shrink, write_hf_checkpoint
 
 import llama
-from llama import quant
+from llama import quant, quant_cpu
 from llama.cli import main
 from llama.perplexity import windows
 from llama.quant import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
@@ -73,18 +73,69 @@ def _filled(layer, w):
     return layer
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("make", [lambda: Int8Linear(200, 72), lambda: Int4Linear(200, 72, group_size=32),
-                                  lambda: Int4Linear(200, 72, group_size=128)], ids=["int8", "int4-g32", "int4-g128"])
+def _magnitudes(layer) -> torch.Tensor:
+    """|q| s + |min| per weight: the size of the terms a float32 product of the layer sums (a weight near zero can
+    be q s + min with both large, and the int4 kernels sum the two parts apart)."""
+    if isinstance(layer, Int8Linear):
+        return layer.dequantized().abs()
+    G, K = layer.group_size, layer.in_features
+    q = quant.unpack_int4(layer.qweight).float()
+    return (q * layer.scales.repeat_interleave(G, 1) + layer.mins.abs().repeat_interleave(G, 1))[:, :K]
+
+
+@pytest.mark.parametrize("rows", [1, 5, 18])
+@pytest.mark.parametrize("make", [lambda: Int8Linear(200, 70), lambda: Int4Linear(200, 70, group_size=32),
+                                  lambda: Int4Linear(200, 70, group_size=128)], ids=["int8", "int4-g32", "int4-g128"])
 def test_quantized_layer_equals_the_dequantized_weights_matmul(make, rows):
+    """Against the dequantized weight's matmul in float64, within float32's rounding bound for sums of 200 terms
+    (K u times the sum of the terms' sizes, u = 2^-24): on a CPU, 1 to 17 rows take the C++ kernels of
+    quant_cpu.py (70 rows: a last block of 2, 200 features: a tail past the vectors), 18 rows a dense matmul."""
     torch.manual_seed(rows)
-    layer = _filled(make(), torch.randn(72, 200))
+    layer = _filled(make(), torch.randn(70, 200))
     x = torch.randn(2, rows, 200)
-    expected = (x.double() @ layer.dequantized().double().T).float()
-    # float32 with float32 accumulation in torch's weight-only kernels (one row) or F.linear (more rows)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    expected = x.double() @ layer.dequantized().double().T
+    bound = 200 * 2.0**-24 * (x.abs().double() @ _magnitudes(layer).double().T)
+    assert ((layer(x).double() - expected).abs() <= bound).all()
     quant.use_reference(layer)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert ((layer(x).double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("make", [lambda: Int8Linear(200, 72), lambda: Int4Linear(200, 80, group_size=64)],
+                         ids=["int8", "int4-g64"])
+def test_without_the_cpu_kernels_the_layers_take_pytorch_paths(make, monkeypatch):
+    """Where the C++ kernels cannot be built, one row goes through torch's weight-only ops and more rows through a
+    dense matmul, within the same bound."""
+    monkeypatch.setattr(quant_cpu, "ops", lambda: None)
+    torch.manual_seed(0)
+    layer = _filled(make(), torch.randn(layer_rows := make().out_features, 200))
+    layer.pack()
+    assert not layer.native
+    for rows in (1, 5):
+        x = torch.randn(rows, 200)
+        expected = x.double() @ layer.dequantized().double().T
+        bound = 200 * 2.0**-24 * (x.abs().double() @ _magnitudes(layer).double().T)
+        assert layer(x).shape == (rows, layer_rows) and ((layer(x).double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("compiler", ["false", "/nonexistent/c++"])
+def test_a_failed_build_is_one_warning_and_no_kernels(compiler, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", compiler)
+    with pytest.warns(UserWarning, match=r"the CPU int8/int4 kernels are not available \(.+\); quantized layers"):
+        assert quant_cpu.ops.__wrapped__() is None
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_the_cpu_kernels_are_built_and_taken_for_few_float32_rows():
+    """On this x86 CI machine the C++ kernels must build; they take float32 x of up to MAX_ROWS rows only."""
+    assert quant_cpu.ops() is not None
+    layer = _filled(Int8Linear(64, 8), torch.randn(8, 64))
+    layer.pack()
+    assert layer.native and layer._native(torch.randn(17, 64), 17) and not layer._native(torch.randn(18, 64), 18)
+    assert not layer._native(torch.randn(1, 64, dtype=torch.bfloat16), 1)
+    bf16 = _filled(Int4Linear(64, 16, dtype=torch.bfloat16, group_size=32), torch.randn(16, 64))
+    bf16.pack()
+    assert not bf16.native  # (the kernels read float32 scales)
 
 
 # ---------------------------------------------------------------------------- models and checkpoints
@@ -118,6 +169,17 @@ def test_a_quantized_model_is_the_dense_model_with_dequantized_weights(tiny, mod
     torch.testing.assert_close(quantized.logits(TOKENS), dense.logits(TOKENS), rtol=1e-4, atol=1e-4)
     assert [r.token_ids for r in quantized.generate(TOKENS, max_new_tokens=8)] == \
         [r.token_ids for r in dense.generate(TOKENS, max_new_tokens=8)]
+
+
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32)])
+def test_compiled_quantized_decoding_is_eager_decoding(tiny, mode, group):
+    """compile=True on a CPU: the layers, compiled for one token, call the C++ kernels inside the graph."""
+    eager = llama.Llama.from_pretrained(tiny, device="cpu", progress=False, quantize=mode, group_size=group)
+    compiled = llama.Llama.from_pretrained(tiny, device="cpu", progress=False, quantize=mode, group_size=group,
+                                           compile=True)
+    expected = eager.generate(TOKENS, max_new_tokens=12)
+    answers = compiled.generate(TOKENS, max_new_tokens=12)
+    assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
 
 
 @pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32)])

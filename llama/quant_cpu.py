@@ -1,0 +1,98 @@
+"""The CPU kernels of the quantized layers (csrc/quant_cpu.cpp): built once per machine with its own instruction
+set, loaded as torch ops `llamaref_cpu::int8_linear` and `llamaref_cpu::int4_linear`, and used for the decode
+step's products of a float32 model (a few rows of x; a prefill dequantizes and runs one dense matmul instead).
+
+Why our own: torch's CPU weight-only ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) take 7-11x as
+long as float32 `F.linear` at one row on the machine of docs/benchmarks.md, and Inductor's C++ backend fuses int8
+into one loop but does not vectorise int4 unpacking. The build is a plain compiler call against torch's headers
+(~10 s, once: the library is cached under ~/.cache/llamaref/kernels by a hash of the source, the flags and the
+torch version). Where it cannot be built (no C++ compiler, a CPU without AVX2, not x86), `ops()` says why once
+and returns None, and the layers keep their PyTorch paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_cpu.cpp"
+MAX_ROWS = 17  # rows of x the kernels take; more (a prefill) are faster dequantized and multiplied by one matmul
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "llamaref" / "kernels"
+
+
+def _command(output: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in cpp_extension.include_paths()], str(SOURCE),
+            "-o", str(output), *[f"-L{p}" for p in cpp_extension.library_paths()], "-lc10", "-ltorch_cpu"]
+
+
+def _build() -> Path:
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join(_command(Path("out"))).encode())
+    key.update(torch.__version__.encode())
+    library = _cache_dir() / f"quant_cpu-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    print("building the CPU int8/int4 kernels for this machine (once, ~10 s)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        built = Path(scratch) / library.name
+        result = subprocess.run(_command(built), capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
+            raise RuntimeError(lines[0] if lines else f"the compiler exited with {result.returncode}")
+        os.replace(built, library)  # (atomic: processes building at once each leave a whole library)
+    return library
+
+
+@functools.cache
+def ops():
+    """torch.ops.llamaref_cpu once it is built and loaded; None (after one warning) where it cannot be."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        reason = f"no kernels for {platform.machine()}"
+    else:
+        try:
+            torch.ops.load_library(str(_build()))
+        except (OSError, RuntimeError) as e:
+            reason = str(e)
+        else:
+            _register_fakes()
+            return torch.ops.llamaref_cpu
+    warnings.warn(f"the CPU int8/int4 kernels are not available ({reason}); quantized layers use PyTorch's "
+                  "slower paths", stacklevel=2)
+    return None
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile, which traces the ops without running them."""
+
+    @torch.library.register_fake("llamaref_cpu::int8_linear")
+    def _(x, q, scale):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("llamaref_cpu::int4_linear")
+    def _(x, qweight, scales, mins, group_size):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernels take x (a [rows, K] input): float32 on a CPU, few rows, and the library is there."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= MAX_ROWS and ops() is not None
