@@ -6,8 +6,9 @@ Why our own: torch's CPU weight-only ops (`_weight_int8pack_mm`, `_weight_int4pa
 long as float32 `F.linear` at one row on the machine of docs/benchmarks.md, and Inductor's C++ backend fuses int8
 into one loop but does not vectorise int4 unpacking. The build is a plain compiler call against torch's headers
 (~10 s, once: the library is cached under ~/.cache/llamaref/kernels by a hash of the source, the flags and the
-torch version). Where it cannot be built (no C++ compiler, a CPU without AVX2, not x86), `ops()` says why once
-and returns None, and the layers keep their PyTorch paths.
+torch version; $CXX and $CXXFLAGS apply, e.g. CXXFLAGS=-mno-avx512f for the AVX2 loops on an AVX-512 machine).
+Where it cannot be built (no C++ compiler, a CPU without AVX2, not x86), `ops()` says why once and returns None,
+and the layers keep their PyTorch paths.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _command(output: Path) -> list[str]:
 
     compiler = os.environ.get("CXX", "c++")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+    return [compiler, "-O3", "-march=native", *os.environ.get("CXXFLAGS", "").split(), "-std=c++17", "-shared",
+            "-fPIC", "-fopenmp",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in cpp_extension.include_paths()], str(SOURCE),
             "-o", str(output), *[f"-L{p}" for p in cpp_extension.library_paths()], "-lc10", "-ltorch_cpu"]
 
