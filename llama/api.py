@@ -194,6 +194,10 @@ def compile_layers(model: Transformer) -> None:
     (`model.Linear`). The prefill stays eager: at the demo's sizes it is as fast as compiled, and compiling it for
     every length took ~15 s more (docs/benchmarks.md, CPU). It is compiled here, at load, for one row and the
     shortest cache: compiling in the first answer would count in its decode speed."""
+    # The layers of every model in the process share one code object, and so Dynamo's limit of 8 compilations of
+    # it: each model shape and weight format (dense, int8, int4) takes one or two, a draft model and the verify
+    # steps more. Those are specializations, not runaway recompiling: allow 64.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if model.embed_tokens.weight.is_cuda:
         for layer in model.layers:
             layer.compile(dynamic=True)

@@ -20,7 +20,8 @@ Stored layout (the layers' buffers, and the tensors of a saved checkpoint, suffi
     int8   qweight int8 [N, K], scales [N]
     int4   qweight uint8 [N, Kp / 2] (q[n, 2j] in the low nibble of byte j, q[n, 2j+1] in the high one),
            scales and mins [N, Kp / G]; Kp = K rounded up to a multiple of G (the padding's inputs are zero)
-How a layer multiplies: on a GPU, the Triton kernels of quant_kernels.py read this layout directly; on a CPU, a
+How a layer multiplies: on a GPU, the Triton kernels of quant_kernels.py read this layout directly (up to
+GPU_DENSE_ROWS rows of x; a prefill of more is dequantized and multiplied by one cuBLAS matmul); on a CPU, a
 float32 decode step (up to quant_cpu.MAX_ROWS rows) goes through the C++ kernels of quant_cpu.py, which read it
 directly too, and a prefill is dequantized and multiplied by one dense matmul. Where those kernels cannot be built,
 or x is not float32, one row goes through torch's own weight-only ops (int4 from a copy in their layout that
@@ -45,6 +46,8 @@ from llama import quant_cpu
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 64
+GPU_DENSE_ROWS = 512  # from this many rows of x (a prefill) a GPU layer dequantizes and runs one cuBLAS matmul:
+# the Triton kernels are built for decode batches, and a prefill is bound by the arithmetic, where cuBLAS is best
 QUANT_METHOD = "llamaref"  # config.json's quantization_config.quant_method for checkpoints written by `llama quantize`
 
 
@@ -168,9 +171,9 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if not self.packed and not x.is_cuda:
             self.pack()
-        if self.kernel and (x.is_cuda or rows == 1 or self._native(x, rows)):
+        if self.kernel and (rows < GPU_DENSE_ROWS if x.is_cuda else rows == 1 or self._native(x, rows)):
             y = self._kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], self.out_features)
-        else:  # (on a CPU, a prefill is faster as dequantize + one dense matmul than in torch's weight-only ops)
+        else:  # a prefill: dequantize + one dense matmul (cuBLAS, MKL), faster than the weight-only kernels there
             y = F.linear(x, self.dequantized().to(x.dtype))
         return y if self.bias is None else y + self.bias
 

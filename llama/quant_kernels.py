@@ -65,10 +65,11 @@ chosen without timing anything; each knob is a keyword override, which scripts/q
            of which one is used, was not faster than this gemv on an H100.)
   M >= 2   int8 dot: BLOCK_M = 16 / 32 / 64 for M up to 16 / 32 / more, BLOCK_N = 64 (one wgmma tile), BLOCK_K =
            128 features (256 at BLOCK_M = 16; larger tiles spill registers), 4 warps, 4 stages.
-           int4 dot: BLOCK_M = 16: BLOCK_N = 64, 2 warps (mma.sync), 3 stages; BLOCK_M = 32 or 64: BLOCK_N = 128,
-           wgmma with 8 warps and 4 stages (group <= 64) or 4 warps and 3 stages (group >= 128), the best of
-           the H100 sweep at 64 rows; BLOCK_K = 2 G (64 at G = 32, 256 at G = 256), at most 128 for float32 x,
-           which also takes 2 stages (shared memory).
+           int4 dot: BLOCK_N = 64, 2 warps (mma.sync), 3 stages, at every BLOCK_M for groups of 32 and 64 (the
+           H100 sweeps' best at 16 and 64 rows, 15-22% under 8-warp wgmma at 64; 32 rows not measured); for
+           groups of 128 and 256 from BLOCK_M = 32 on, BLOCK_N = 128 and wgmma with 4 warps (the sweep's best
+           at 64 rows); BLOCK_K = 2 G (64 at G = 32, 256 at G = 256), at most 128 for float32 x, which also
+           takes 2 stages (shared memory).
   both     SPLIT_K = the smallest power of two that gives every SM a program (int4 at BLOCK_M = 16: two), as long
            as each split keeps 2 steps.
 """
@@ -376,9 +377,8 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
     else:  # int4: two groups a step (one 4-byte load of their scales per row), 64 to 256 features
         block_k = 2 * group_size if 64 <= group_size <= 128 else max(64, min(group_size, 256))
         config = dict(block_m=block_m, block_n=64, block_k=block_k, num_warps=2, num_stages=3)  # mma.sync
-        if block_m > 16:  # wgmma, the H100 sweeps' best for 64 rows
-            config |= dict(block_n=128, num_warps=8, num_stages=4) if group_size <= 64 else dict(block_n=128,
-                                                                                                 num_warps=4)
+        if block_m > 16 and group_size > 64:  # wgmma, the H100 sweeps' best for 64 rows of groups of 128
+            config |= dict(block_n=128, num_warps=4)
         if x_itemsize == 4:  # float32 x tiles: half the features a step and two stages fit shared memory
             config |= dict(block_k=min(block_k, 128), num_stages=2)
     config |= overrides

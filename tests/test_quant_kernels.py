@@ -186,9 +186,14 @@ def test_int4_dot_config_steps_over_two_groups_and_fits_float32_x():
 
 
 @needs_triton
-def test_int4_dot_config_takes_wgmma_from_17_rows():
+def test_int4_dot_config_keeps_mma_sync_for_small_groups_and_takes_wgmma_for_large_ones_from_17_rows():
     from llama.quant_kernels import default_config
 
     H100 = 132  # SMs
-    assert [default_config(4, M, 4096, 4096, H100, 64)["num_warps"] for M in (16, 17, 64)] == [2, 8, 8]
-    assert default_config(4, 64, 4096, 4096, H100, 128)["num_warps"] == 4
+    assert [default_config(4, M, 4096, 4096, H100, 64)["num_warps"] for M in (16, 17, 64)] == [2, 2, 2]
+    assert [default_config(4, M, 4096, 4096, H100, 128)["num_warps"] for M in (16, 17, 64)] == [2, 4, 4]
+    # the sweep's best at 64 rows, groups of 64, 8B shapes: the K splits that give every SM a program
+    configs = [default_config(4, 64, N, K, H100, 64) for N, K in ((6144, 4096), (4096, 4096), (28672, 4096),
+                                                                  (4096, 14336))]
+    assert [(c["block_n"], c["block_k"], c["split_k"]) for c in configs] == [(64, 128, 2), (64, 128, 4),
+                                                                             (64, 128, 1), (64, 128, 4)]
