@@ -81,6 +81,13 @@ inline void from_u4(const uint8_t* p, VF& low, VF& high) {
 #error "llamaref's CPU kernels need AVX2 and FMA (or AVX-512); quant_cpu.py falls back to PyTorch without them"
 #endif
 
+// A value loaded once and used by several rows, kept in a register: left alone, GCC folds the load into every
+// multiply-add that uses it, and the loads then bound the loop.
+inline VF in_register(VF v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+
 constexpr int64_t ROWS = 4;          // weight rows a block
 constexpr int64_t PREFETCH = 4096;  // bytes ahead of the block being read
 constexpr int64_t GRAIN = 16;        // blocks a thread takes at least
@@ -108,7 +115,7 @@ inline void int8_block(const float* x, int64_t M, int64_t K, const int8_t* r, co
     for (int i = 0; i < R; ++i) acc[i] = zero();
     int64_t k = 0;
     for (; k + W <= K; k += W) {
-      const VF xv = load(xm + k);
+      const VF xv = in_register(load(xm + k));
       for (int i = 0; i < R; ++i) acc[i] = fma(xv, from_i8(r + i * K + k), acc[i]);
     }
     float total[R];
@@ -159,7 +166,7 @@ inline void int4_block(const float* xe, const float* xo, const float* xs, int64_
       VF even[R], odd[R];  // two sums a row, so that the multiply-adds do not wait for each other
       for (int i = 0; i < R; ++i) even[i] = odd[i] = zero();
       for (int64_t j = g * GB; j < (g + 1) * GB; j += W) {
-        const VF xv = load(xem + j), xw = load(xom + j);
+        const VF xv = in_register(load(xem + j)), xw = in_register(load(xom + j));
         for (int i = 0; i < R; ++i) {
           VF low, high;
           from_u4(r + i * KB + j, low, high);
