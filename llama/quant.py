@@ -22,7 +22,7 @@ Stored layout (the layers' buffers, and the tensors of a saved checkpoint, suffi
            scales and mins [N, Kp / G]; Kp = K rounded up to a multiple of G (the padding's inputs are zero)
 How a layer multiplies: on a GPU, the Triton kernels of quant_kernels.py read this layout directly (up to
 GPU_DENSE_ROWS rows of x; a prefill of more is dequantized and multiplied by one cuBLAS matmul); on a CPU, a
-float32 decode step (up to quant_cpu.MAX_ROWS rows) goes through the C++ kernels of quant_cpu.py, which read it
+float32 decode step (up to cpu_kernels.MAX_ROWS rows) goes through the C++ kernels of cpu_kernels.py, which read it
 directly too, and a prefill is dequantized and multiplied by one dense matmul. Where those kernels cannot be built,
 or x is not float32, one row goes through torch's own weight-only ops (int4 from a copy in their layout that
 `pack` makes), or under torch.compile through the product written as a plain reduction for Inductor's C++ backend.
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llama import quant_cpu
+from llama import cpu_kernels
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -157,7 +157,7 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.kernel = True  # False: the reference formula
         self.packed = False  # `pack` has run (the loader calls it; a layer made by hand, at its first product)
-        self.native = False  # the C++ kernels of quant_cpu.py (chosen by `pack` on a CPU)
+        self.native = False  # the C++ kernels of cpu_kernels.py (chosen by `pack` on a CPU)
 
     def load_rows_(self, start: int, dense: Tensor) -> None:
         """Quantize dense rows [n, K] (any float dtype, any device) into rows start .. start + n."""
@@ -178,16 +178,16 @@ class QuantizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _native(self, x: Tensor, rows: int) -> bool:
-        return self.native and x.dtype == torch.float32 and rows <= quant_cpu.MAX_ROWS
+        return self.native and x.dtype == torch.float32 and rows <= cpu_kernels.MAX_ROWS
 
     def _kernel(self, x: Tensor) -> Tensor:  # x [M, K] -> [M, N]
         raise NotImplementedError
 
     def pack(self) -> None:
-        """On a CPU, take the C++ kernels for a float32 layer where they can be built (quant_cpu.ops)."""
+        """On a CPU, take the C++ kernels for a float32 layer where they can be built (cpu_kernels.ops)."""
         self.packed = True
         if self.qweight.device.type == "cpu" and self.scales.dtype == torch.float32:
-            self.native = quant_cpu.ops() is not None
+            self.native = cpu_kernels.ops() is not None
 
 
 class Int8Linear(QuantizedLinear):

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llama import cpu_kernels
 from llama.generate import RowParams, argmax, decode_step, distributions, verify_step
 from llama.model import Linear, Transformer
 
@@ -169,15 +170,19 @@ def pack_for_verify(model: Transformer) -> None:
     prepacked into its blocked layout. For 5 rows of a layer's matrices it takes about what one row takes
     (SmolLM2's [3072, 576]: ~120 us against ~100 us), where torch's matmul (MKL) takes ~4x and Inductor's
     one-row sum, summed for 5 rows, ~4x (docs/benchmarks.md, "Speculative decoding"). Costs a second copy of
-    the weights, made once, when speculation is first used. A no-op on a GPU, or where oneDNN is missing."""
+    the weights, made once, when speculation is first used. The product is called through cpu_kernels' C++ op
+    (through `_packed_linear`, a Python custom op, where those cannot be built: ~23 us more a call). A no-op on
+    a GPU, or where oneDNN is missing."""
     device = model.embed_tokens.weight.device
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return
+    ops = cpu_kernels.ops()  # (the same product called from C++: ~23 us less a call than from Python)
+    product = ops.packed_linear if ops is not None else _packed_linear
     for module in model.modules():
         if isinstance(module, Linear) and module.few_rows is None and module.weight.dtype in (torch.float32,
                                                                                                 torch.bfloat16):
             packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), Linear.SMALL)
-            module.few_rows = functools.partial(_packed_linear, packed=packed, bias=module.bias,
+            module.few_rows = functools.partial(product, packed=packed, bias=module.bias,
                                                 out_features=module.out_features)
 
 

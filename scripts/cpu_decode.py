@@ -99,13 +99,13 @@ def side_by_side(quantize: str | None, group_size: int | None, repeats: int, ste
 def kernel_sweep(repeats: int = 8) -> None:
     """One-row products over the 120 matrices of SmolLM2's blocks in turn (random weights of its shapes: 107 M
     weights, more than the last-level cache holds, so they come from memory, as in a decode step): float32
-    F.linear (MKL), the float32 sum Inductor compiles for model.Linear, and the C++ kernels of quant_cpu.py in
+    F.linear (MKL), the float32 sum Inductor compiles for model.Linear, and the C++ kernels of cpu_kernels.py in
     int8 and int4 (groups of 32 and 64). Best of `repeats` sweeps; GB/s counts every byte of weights and scales."""
     import torch.nn.functional as F
 
-    from llama import quant, quant_cpu
+    from llama import cpu_kernels, quant
 
-    ops = quant_cpu.ops()
+    ops = cpu_kernels.ops()
     assert ops is not None, "the CPU kernels could not be built"
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30  # qkv, o, gate_up, down; 30 layers
     torch.manual_seed(0)

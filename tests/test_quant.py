@@ -13,7 +13,7 @@ import torch
 from conftest import official_config, shrink, write_hf_checkpoint
 
 import llama
-from llama import quant, quant_cpu
+from llama import cpu_kernels, quant
 from llama.cli import main
 from llama.perplexity import windows
 from llama.quant import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
@@ -89,7 +89,7 @@ def _magnitudes(layer) -> torch.Tensor:
 def test_quantized_layer_equals_the_dequantized_weights_matmul(make, rows):
     """Against the dequantized weight's matmul in float64, within float32's rounding bound for sums of 200 terms
     (K u times the sum of the terms' sizes, u = 2^-24): on a CPU, 1 to 17 rows take the C++ kernels of
-    quant_cpu.py (70 rows: a last block of 2, 200 features: a tail past the vectors), 18 rows a dense matmul."""
+    cpu_kernels.py (70 rows: a last block of 2, 200 features: a tail past the vectors), 18 rows a dense matmul."""
     torch.manual_seed(rows)
     layer = _filled(make(), torch.randn(70, 200))
     x = torch.randn(2, rows, 200)
@@ -105,7 +105,7 @@ def test_quantized_layer_equals_the_dequantized_weights_matmul(make, rows):
 def test_without_the_cpu_kernels_the_layers_take_pytorch_paths(make, monkeypatch):
     """Where the C++ kernels cannot be built, one row goes through torch's weight-only ops and more rows through a
     dense matmul, within the same bound."""
-    monkeypatch.setattr(quant_cpu, "ops", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "ops", lambda: None)
     torch.manual_seed(0)
     layer = _filled(make(), torch.randn(layer_rows := make().out_features, 200))
     layer.pack()
@@ -121,14 +121,14 @@ def test_without_the_cpu_kernels_the_layers_take_pytorch_paths(make, monkeypatch
 def test_a_failed_build_is_one_warning_and_no_kernels(compiler, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", compiler)
-    with pytest.warns(UserWarning, match=r"the CPU int8/int4 kernels are not available \(.+\); quantized layers"):
-        assert quant_cpu.ops.__wrapped__() is None
+    with pytest.warns(UserWarning, match=r"the CPU kernels are not available \(.+\); quantized layers"):
+        assert cpu_kernels.ops.__wrapped__() is None
     assert not list(tmp_path.rglob("*.so"))
 
 
 def test_the_cpu_kernels_are_built_and_taken_for_few_float32_rows():
     """On this x86 CI machine the C++ kernels must build; they take float32 x of up to MAX_ROWS rows only."""
-    assert quant_cpu.ops() is not None
+    assert cpu_kernels.ops() is not None
     layer = _filled(Int8Linear(64, 8), torch.randn(8, 64))
     layer.pack()
     assert layer.native and layer._native(torch.randn(17, 64), 17) and not layer._native(torch.randn(18, 64), 18)

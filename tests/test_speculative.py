@@ -563,3 +563,25 @@ def test_stops_inside_an_accepted_run_end_the_answer_where_plain_decoding_does(
     if case.startswith("stop"):
         assert expected[1].finish_reason == "stop" and 5 <= len(expected[1].token_ids) <= 8
         assert smollm2.stats.accepted_tokens == smollm2.stats.proposed_tokens > 0
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["c++ op", "python custom op"])
+def test_the_verify_steps_products_are_f_linear(kernels, monkeypatch):
+    """pack_for_verify gives every Linear oneDNN's product over a prepacked weight for 2 to 17 rows, called from
+    C++ (cpu_kernels) or, where those cannot be built, from a Python custom op: both equal F.linear."""
+    from llama import cpu_kernels
+    from llama.config import ModelConfig
+    from llama.model import Linear, Transformer
+    from llama.speculative import pack_for_verify
+
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "ops", lambda: None)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_hf_config(shrink(official_config("llama-3.1-8b")))).eval()
+    pack_for_verify(model)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.few_rows is not None for m in linears)
+    for module in linears:
+        x = torch.randn(2, 5, module.in_features)
+        expected = x.double() @ module.weight.double().T
+        torch.testing.assert_close(module(x).double(), expected, rtol=1e-5, atol=1e-5)

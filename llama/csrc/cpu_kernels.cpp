@@ -1,6 +1,7 @@
-// Weight-only int8 and int4 products for a few rows of x on an x86 CPU: the decode step's matrix-vector
-// products of llama/quant.py's layers, reading its stored layout as it is (llama/quant_cpu.py builds this file
-// once with the machine's own instruction set, loads it, and says when to use it).
+// Products for a few rows of x on an x86 CPU (llama/cpu_kernels.py builds this file once with the machine's own
+// instruction set, loads it, and says when to use it): weight-only int8 and int4, the decode step's matrix-vector
+// products of llama/quant.py's layers, reading its stored layout as it is; and oneDNN's matmul over a prepacked
+// weight for a speculative verify step (packed_linear, at the end), so that a compiled graph calls it from C++.
 //
 //   llamaref_cpu::int8_linear(x [M, K], q int8 [N, K], scale [N]) -> y [M, N]
 //       y[m, n] = scale[n] * sum_k x[m, k] q[n, k]
@@ -29,6 +30,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
@@ -78,7 +80,7 @@ inline void from_u4(const uint8_t* p, VF& low, VF& high) {
   high = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 #else
-#error "llamaref's CPU kernels need AVX2 and FMA (or AVX-512); quant_cpu.py falls back to PyTorch without them"
+#error "llamaref's CPU kernels need AVX2 and FMA (or AVX-512); cpu_kernels.py falls back to PyTorch without them"
 #endif
 
 // A value loaded once and used by several rows, kept in a register: left alone, GCC folds the load into every
@@ -228,19 +230,41 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y;
 }
 
+// x [..., K] times a weight that oneDNN prepacked (torch.ops.mkldnn._reorder_linear_weight), plus a bias:
+// oneDNN's matmul, for a speculative verify step's few rows (speculative.pack_for_verify). Called from here, a
+// compiled graph reaches it without going through a Python function (~23 us a call, 121 calls a step).
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                         int64_t out_features) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x.reshape({-1, x.size(-1)}), packed, bias, std::string("none"),
+                                 c10::List<std::optional<at::Scalar>>({std::nullopt}), std::string("")};
+  op.callBoxed(&stack);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return stack[0].toTensor().view(shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llamaref_cpu, m) {
+  m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llamaref_cpu, CPU, m) {  // (CPU tensors only; quant_cpu.py gives torch.compile their shapes)
+TORCH_LIBRARY_IMPL(llamaref_cpu, CPU, m) {  // (CPU tensors only; cpu_kernels.py gives torch.compile their shapes)
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("packed_linear", &packed_linear);
+}
+
+TORCH_LIBRARY_IMPL(llamaref_cpu, MkldnnCPU, m) {  // (the prepacked weight is a oneDNN tensor)
+  m.impl("packed_linear", &packed_linear);
 }
 
 TORCH_LIBRARY_IMPL(llamaref_cpu, Autograd, m) {  // (inference only: nothing to differentiate)
   m.impl("int8_linear", torch::CppFunction::makeFallthrough());
   m.impl("int4_linear", torch::CppFunction::makeFallthrough());
+  m.impl("packed_linear", torch::CppFunction::makeFallthrough());
 }

@@ -1,14 +1,20 @@
-"""The CPU kernels of the quantized layers (csrc/quant_cpu.cpp): built once per machine with its own instruction
-set, loaded as torch ops `llamaref_cpu::int8_linear` and `llamaref_cpu::int4_linear`, and used for the decode
-step's products of a float32 model (a few rows of x; a prefill dequantizes and runs one dense matmul instead).
+"""C++ kernels for a CPU (csrc/cpu_kernels.cpp): built once per machine with its own instruction set and loaded as
+torch ops, which eager code and compiled graphs call alike:
+
+    llamaref_cpu::int8_linear, llamaref_cpu::int4_linear   the quantized layers' products for a few rows of float32
+                                                           x (a decode or verify step; a prefill dequantizes and
+                                                           runs one dense matmul instead), quant.py
+    llamaref_cpu::packed_linear                            oneDNN's matmul over a prepacked weight, for the
+                                                           verify step of a float32 or bf16 model, speculative.py
 
 Why our own: torch's CPU weight-only ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) take 7-11x as
 long as float32 `F.linear` at one row on the machine of docs/benchmarks.md, and Inductor's C++ backend fuses int8
-into one loop but does not vectorise int4 unpacking. The build is a plain compiler call against torch's headers
-(~10 s, once: the library is cached under ~/.cache/llamaref/kernels by a hash of the source, the flags and the
-torch version; $CXX and $CXXFLAGS apply, e.g. CXXFLAGS=-mno-avx512f for the AVX2 loops on an AVX-512 machine).
-Where it cannot be built (no C++ compiler, a CPU without AVX2, not x86), `ops()` says why once and returns None,
-and the layers keep their PyTorch paths.
+into one loop but does not vectorise int4 unpacking; oneDNN's matmul reached from a Python custom op cost ~23 us a
+call in Python. The build is a plain compiler call against torch's headers (~10 s, once: the library is cached
+under ~/.cache/llamaref/kernels by a hash of the source, the flags and the torch version; $CXX and $CXXFLAGS
+apply, e.g. CXXFLAGS=-mno-avx512f for the AVX2 loops on an AVX-512 machine). Where it cannot be built (no C++
+compiler, a CPU without AVX2, not x86), `ops()` says why once and returns None, and the callers keep their
+PyTorch paths.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_cpu.cpp"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
 MAX_ROWS = 17  # rows of x the kernels take; more (a prefill) are faster dequantized and multiplied by one matmul
 
 
@@ -50,11 +56,11 @@ def _build() -> Path:
     key.update(SOURCE.read_bytes())
     key.update(" ".join(_command(Path("out"))).encode())
     key.update(torch.__version__.encode())
-    library = _cache_dir() / f"quant_cpu-{key.hexdigest()[:16]}.so"
+    library = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
-    print("building the CPU int8/int4 kernels for this machine (once, ~10 s)", file=sys.stderr, flush=True)
+    print("building the CPU kernels for this machine (once, ~10 s)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         built = Path(scratch) / library.name
         result = subprocess.run(_command(built), capture_output=True, text=True)
@@ -78,8 +84,8 @@ def ops():
         else:
             _register_fakes()
             return torch.ops.llamaref_cpu
-    warnings.warn(f"the CPU int8/int4 kernels are not available ({reason}); quantized layers use PyTorch's "
-                  "slower paths", stacklevel=2)
+    warnings.warn(f"the CPU kernels are not available ({reason}); quantized layers and speculative verify steps "
+                  "use PyTorch's slower paths", stacklevel=2)
     return None
 
 
@@ -93,6 +99,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llamaref_cpu::int4_linear")
     def _(x, qweight, scales, mins, group_size):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("llamaref_cpu::packed_linear")
+    def _(x, packed, bias, out_features):
+        return x.new_empty(*x.shape[:-1], out_features)
 
 
 def usable(x: torch.Tensor) -> bool:
