@@ -14,7 +14,7 @@
 // and multiplies faster than its share of the memory bandwidth delivers bytes, but only if the bytes arrive
 // early. The hardware prefetcher stops at page boundaries and ramps up slowly on each new matrix, so each block
 // of rows asks for the bytes PREFETCH ahead of it in the same stream (on the 2-core EPYC of docs/benchmarks.md
-// this alone took a sweep over SmolLM2's matrices from 17 to 32 GB/s).
+// this alone took a sweep over SmolLM2's int8 matrices from 15-17 to 27-32 GB/s).
 //
 // Work is split over torch's own threads (at::parallel_for: torch.set_num_threads applies) by blocks of ROWS
 // consecutive weight rows, which lie one after the other in memory, so each thread reads one contiguous range.
@@ -90,9 +90,9 @@ inline VF in_register(VF v) {
   return v;
 }
 
-constexpr int64_t ROWS = 4;          // weight rows a block
+constexpr int64_t ROWS = 4;         // weight rows a block
 constexpr int64_t PREFETCH = 4096;  // bytes ahead of the block being read
-constexpr int64_t GRAIN = 16;        // blocks a thread takes at least
+constexpr int64_t GRAIN = 16;       // blocks a thread takes at least
 
 // ask for bytes [from, from + bytes), but none at or past `end` (past a tensor's end it costs and brings nothing)
 inline void prefetch(const void* from, int64_t bytes, const void* end) {
