@@ -67,9 +67,11 @@ chosen without timing anything; each knob is a keyword override, which scripts/q
            128 features (256 at BLOCK_M = 16; larger tiles spill registers), 4 warps, 4 stages.
            int4 dot: BLOCK_N = 64, 2 warps (mma.sync), 3 stages, at every BLOCK_M for groups of 32 and 64 (the
            H100 sweeps' best at 16 and 64 rows, 15-22% under 8-warp wgmma at 64; 32 rows not measured); for
-           groups of 128 and 256 from BLOCK_M = 32 on, BLOCK_N = 128 and wgmma with 4 warps (the sweep's best
-           at 64 rows); BLOCK_K = 2 G (64 at G = 32, 256 at G = 256), at most 128 for float32 x, which also
-           takes 2 stages (shared memory).
+           groups of 128 at BLOCK_M = 16 and 16-bit x, BLOCK_N = 32 and one warp (the 8B sweep's best, 5-16%
+           under two; float32 x, not swept, keeps two);
+           for groups of 128 and 256 from BLOCK_M = 32 on, BLOCK_N = 128 and wgmma with 4 warps (the sweep's
+           best at 64 rows); BLOCK_K = 2 G (64 at G = 32, 256 at G = 256), at most 128 for float32 x, which
+           also takes 2 stages (shared memory).
   both     SPLIT_K = the smallest power of two that gives every SM a program (int4 at BLOCK_M = 16: two), as long
            as each split keeps 2 steps.
 """
@@ -379,6 +381,8 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
         config = dict(block_m=block_m, block_n=64, block_k=block_k, num_warps=2, num_stages=3)  # mma.sync
         if block_m > 16 and group_size > 64:  # wgmma, the H100 sweeps' best for 64 rows of groups of 128
             config |= dict(block_n=128, num_warps=4)
+        elif block_m == 16 and group_size == 128 and x_itemsize == 2:  # the bf16 sweep's best, -5% to -16%
+            config |= dict(block_n=32, num_warps=1)
         if x_itemsize == 4:  # float32 x tiles: half the features a step and two stages fit shared memory
             config |= dict(block_k=min(block_k, 128), num_stages=2)
     config |= overrides

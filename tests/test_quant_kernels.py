@@ -191,7 +191,12 @@ def test_int4_dot_config_keeps_mma_sync_for_small_groups_and_takes_wgmma_for_lar
 
     H100 = 132  # SMs
     assert [default_config(4, M, 4096, 4096, H100, 64)["num_warps"] for M in (16, 17, 64)] == [2, 2, 2]
-    assert [default_config(4, M, 4096, 4096, H100, 128)["num_warps"] for M in (16, 17, 64)] == [2, 4, 4]
+    assert [default_config(4, M, 4096, 4096, H100, 128)["num_warps"] for M in (16, 17, 64)] == [1, 4, 4]
+    # groups of 128 at 16 rows, the sweep's best on the 8B shapes: one warp, 32 rows a program, the same K splits
+    configs = [default_config(4, 16, N, K, H100, 128) for N, K in ((6144, 4096), (4096, 4096), (28672, 4096),
+                                                                   (4096, 14336))]
+    assert [(c["block_n"], c["block_k"], c["split_k"]) for c in configs] == [(32, 256, 2), (32, 256, 4),
+                                                                             (32, 256, 1), (32, 256, 4)]
     # the sweep's best at 64 rows, groups of 64, 8B shapes: the K splits that give every SM a program
     configs = [default_config(4, 64, N, K, H100, 64) for N, K in ((6144, 4096), (4096, 4096), (28672, 4096),
                                                                   (4096, 14336))]
