@@ -85,6 +85,7 @@ cases = [  # (M, N, K, G, config): the path each exercises
     (1, 72, 256, 64, dict(block_m=16)),                    # dot at one row: two groups a step, N past the tile
     (3, 72, 256, 32, {}),                                  # dot (the default at M > 1), group 32: a scale per unit
     (16, 200, 512, 128, dict(block_k=128, split_k=2)),     # dot, one group a step, split-K
+    (16, 200, 512, 128, {}),                               # dot, groups of 128: 32 rows a program (16-bit x)
     (33, 72, 256, 64, dict(block_m=32, num_warps=4)),      # dot, two row blocks, the second one row
     (5, 40, 320, 64, dict(block_k=128)),                   # dot, K past the last step, an odd number of groups
     (2, 40, 384, 64, dict(block_k=256)),                   # dot, four groups a step: a scale per unit, K ragged
