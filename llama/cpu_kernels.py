@@ -104,7 +104,3 @@ def _register_fakes() -> None:
     def _(x, packed, bias, out_features):
         return x.new_empty(*x.shape[:-1], out_features)
 
-
-def usable(x: torch.Tensor) -> bool:
-    """Whether the kernels take x (a [rows, K] input): float32 on a CPU, few rows, and the library is there."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= MAX_ROWS and ops() is not None

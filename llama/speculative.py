@@ -176,7 +176,7 @@ def pack_for_verify(model: Transformer) -> None:
     device = model.embed_tokens.weight.device
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return
-    ops = cpu_kernels.ops()  # (the same product called from C++: ~23 us less a call than from Python)
+    ops = cpu_kernels.ops()
     product = ops.packed_linear if ops is not None else _packed_linear
     for module in model.modules():
         if isinstance(module, Linear) and module.few_rows is None and module.weight.dtype in (torch.float32,
