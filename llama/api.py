@@ -13,7 +13,7 @@ from torch import Tensor
 
 from llama.arguments import DEVICE_TYPES, ArgumentError, check, check_device_name, check_stop, spelled
 from llama.config import ConfigError, ModelConfig, read_json
-from llama.generate import GenerationResult, SamplingParams, decode_step, verify_step
+from llama.generate import GenerationResult, SamplingParams, decode_step, prefill_step, verify_step
 from llama.hub import resolve_model
 from llama.model import Linear, Transformer
 from llama.quant import QuantizationConfig
@@ -140,6 +140,7 @@ class CompiledDecodeStep:
             torch._inductor.config.triton.enable_pdl = True
         self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
         self.verify_graph: Callable[..., Tensor] | None = None  # compiled at the first speculative step
+        self.prefill_graphs = PrefillGraphs()
         self.constants: dict[tuple, Tensor] = {}
 
     chooses_tokens = True  # on a GPU the scheduler lets the step choose the tokens (`generate.pick`)
@@ -181,6 +182,88 @@ class CompiledDecodeStep:
         if key not in self.constants:
             self.constants[key] = make()
         return self.constants[key]
+
+    def prefill(self, model: Transformer, tokens: Tensor, logits_at: Tensor, rows: Tensor) -> Tensor:
+        """`generate.prefill_step`; on a GPU replayed from a CUDA graph of its bucket (`PrefillGraphs`)."""
+        if not tokens.is_cuda:
+            return prefill_step(model, tokens, logits_at, rows)
+        return self.prefill_graphs(model, tokens, logits_at, rows)
+
+
+class PrefillGraphs:
+    """Prefills replayed from CUDA graphs, one per bucket of prompts x tokens, recorded at a bucket's first use.
+
+    Launching a prefill's ~400 kernels (the layers compiled for every length, `compile_layers`) takes the host
+    12-25 ms on the Llama-3.1-8B shape, where one prompt of 160 tokens is ~8 ms of GPU work, and a request joining
+    a running batch stops every other row for it (scheduler.py). Replaying a graph takes ~1 ms (H100,
+    docs/benchmarks.md, "Serving"). Whole-model compilation per bucket ("reduce-overhead") replays as fast but
+    compiled for ~75 s a bucket; these graphs record the layers already compiled, in the time of two prefills.
+
+    A bucket is n prompts rounded up to a power of two (the extra rows repeat the first prompt into its own cache
+    row: the same values written twice) by T tokens rounded up to a power of two of at least 16, at most the
+    cache's length. The positions past a prompt's end hold whatever tokens the bucket held before: causal attention
+    keeps them from the prompt's own tokens, and the keys and values they leave in the cache lie past the row's
+    position, where its decode steps write before they read. A bucket of more than `max_tokens` runs without a
+    graph: its GPU time hides the launches. With `record=False` (the CPU tests of the padding) the bucket runs
+    plainly."""
+
+    MAX_TOKENS = 2048  # prompts x tokens of the largest bucket replayed from a graph
+
+    def __init__(self, max_tokens: int = MAX_TOKENS, record: bool = True):
+        self.max_tokens, self.record = max_tokens, record
+        self.buckets: dict[tuple[int, int], _PrefillBucket] = {}
+        self.pool = None  # one memory pool for every bucket's graph: they run one at a time
+
+    def __call__(self, model: Transformer, tokens: Tensor, logits_at: Tensor, rows: Tensor) -> Tensor:
+        n, T = tokens.shape
+        N = 1 << (n - 1).bit_length()
+        L = min(model.layers[0].attention.cache.k.shape[2], max(16, 1 << (T - 1).bit_length()))
+        if N * L > self.max_tokens:
+            return prefill_step(model, tokens, logits_at, rows)
+        bucket = self.buckets.get((N, L))
+        if bucket is None:
+            bucket = self.buckets[N, L] = _PrefillBucket(N, L, tokens.device)
+        pick = torch.arange(N, device=tokens.device) * (torch.arange(N, device=tokens.device) < n)  # 0..n-1, 0, ..
+        bucket.tokens[:, :T] = tokens[pick]
+        bucket.logits_at.copy_(logits_at[pick])
+        bucket.rows.copy_(rows[pick])
+        if bucket.graph is not None:
+            bucket.graph.replay()
+        elif not self.record:
+            bucket.logits = bucket.run(model)
+        else:
+            self._record(model, bucket)
+        return bucket.logits[:n]
+
+    def _record(self, model: Transformer, bucket: _PrefillBucket) -> None:
+        stream = torch.cuda.Stream()  # (a warm-up on a side stream, as CUDA graphs want: compiles for the shape)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            bucket.run(model)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # (thread_local: the server's event loop may touch CUDA meanwhile, say a seeded request's generator)
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            bucket.logits = bucket.run(model)
+        graph.replay()
+        bucket.graph = graph
+
+
+class _PrefillBucket:
+    """A bucket's inputs and output, at fixed addresses (a CUDA graph reads and writes those)."""
+
+    def __init__(self, N: int, L: int, device: torch.device):
+        self.tokens = torch.zeros(N, L, dtype=torch.long, device=device)
+        self.positions = torch.arange(L, device=device)
+        self.logits_at = torch.zeros(N, dtype=torch.long, device=device)
+        self.rows = torch.zeros(N, dtype=torch.long, device=device)
+        self.logits: Tensor | None = None  # [N, V]
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def run(self, model: Transformer) -> Tensor:
+        return model(self.tokens, input_pos=self.positions, logits_at=self.logits_at, rows=self.rows)
 
 
 def compile_layers(model: Transformer) -> None:

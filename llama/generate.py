@@ -228,3 +228,10 @@ def verify_step(model: Transformer, tokens: Tensor, positions: Tensor, span: int
     graph of its own by api.CompiledDecodeStep, the greedy choice inside it, as the decode step's)."""
     logits = model(tokens, input_pos=positions, span=span)
     return argmax(logits.flatten(0, 1)).view(tokens.shape) if choose else logits
+
+
+def prefill_step(model: Transformer, tokens: Tensor, logits_at: Tensor, rows: Tensor) -> Tensor:
+    """Prompts tokens [n, T] (right-padded, from position 0) into cache rows [n] -> logits [n, V] at each prompt's
+    last token, logits_at [n] (the compiled GPU path replays it from a CUDA graph, api.PrefillGraphs)."""
+    return model(tokens, input_pos=torch.arange(tokens.shape[1], device=tokens.device), logits_at=logits_at,
+                 rows=rows)

@@ -40,6 +40,7 @@ from llama.generate import (
     RowParams,
     SamplingParams,
     exponential_race,
+    prefill_step,
     sample_rows,
     to_device,
     verify_step,
@@ -176,6 +177,7 @@ class Scheduler:
         assert cache is not None, "set up the model's cache first"
         self.model, self.decode, self.tokenizer = model, decode, tokenizer
         self.verify = getattr(decode, "verify", verify_step)
+        self.prefill = getattr(decode, "prefill", prefill_step)
         self.speculator = speculator
         if isinstance(speculator, DraftModel):
             draft_cache = speculator.model.layers[0].attention.cache
@@ -265,8 +267,7 @@ class Scheduler:
             tokens[row, : len(prompt)] = torch.tensor(prompt)
         slots = to_device(torch.tensor([job.slot for job in jobs]), self.device)
         tokens, lengths = to_device(tokens, self.device), to_device(lengths, self.device)
-        positions = torch.arange(tokens.shape[1], device=self.device)
-        logits = self.model(tokens, input_pos=positions, logits_at=lengths - 1, rows=slots).float()  # [n, V]
+        logits = self.prefill(self.model, tokens, lengths - 1, slots).float()  # [n, V]
         if isinstance(self.speculator, DraftModel):
             self.speculator.admit(tokens, lengths, slots)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import random
 import subprocess
@@ -340,6 +341,9 @@ def serve_and_measure(args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {config_json['num_hidden_layers']} layers, "
           f"hidden {config_json['hidden_size']}, {dtype}, {'compiled' if compile else 'eager'}", flush=True)
+    http = [f"{p} {'yes' if importlib.util.find_spec(p) else 'no'}" for p in ("httptools", "uvloop")]
+    print(f"uvicorn {__import__('uvicorn').__version__}, {', '.join(http)} (uvicorn uses them when present)",
+          flush=True)
 
     app = make_server_app(llm, args)
     server, thread, url = start_server(app, args.host)
@@ -350,10 +354,14 @@ def serve_and_measure(args: argparse.Namespace) -> None:
         # The same workload without HTTP: the scheduler stepped directly, a new request as soon as one finishes
         requests = draw_requests(max(args.clients) * args.requests, args.prompt_len, args.answer_len,
                                  args.vocab_size, args.seed + 1)
-        alone = scheduler_alone(app.state.engine.scheduler, requests, max(args.clients))
-        static["scheduler_tok_s"] = alone
-        print(f"scheduler alone, {max(args.clients)} requests in flight: {alone:.1f} tok/s "
-              f"({alone / static['batch_tok_s']:.2f} of the static batch's)", flush=True)
+        graphs = llm._decode_step.prefill_graphs if compile else None
+        for setting in args.prefill_graphs:  # (the server runs with the last)
+            if graphs is not None:
+                graphs.max_tokens = graphs.MAX_TOKENS if setting == "on" else 0
+            alone = scheduler_alone(app.state.engine.scheduler, requests, max(args.clients))
+            static[f"scheduler_tok_s_prefill_graphs_{setting}"] = static["scheduler_tok_s"] = alone
+            print(f"scheduler alone, {max(args.clients)} requests in flight, prefill graphs {setting}: {alone:.1f} "
+                  f"tok/s ({alone / static['batch_tok_s']:.2f} of the static batch's)", flush=True)
     print(f"serving at {url}", flush=True)
     scheduler = app.state.engine.scheduler
     runs = []
@@ -426,6 +434,9 @@ def main() -> None:
     parser.add_argument("--variants", default="1:0.005",
                         help="runs in turn, PROCESSES:SECONDS,...: the clients spread over this many processes (one "
                              "Python process parses ~10k chunks/s at most), the server's sys.setswitchinterval")
+    parser.add_argument("--prefill-graphs", default="on",
+                        help="with --compare: the scheduler alone with prefills replayed from CUDA graphs (on) or "
+                             "launched (off), one run each in this order, e.g. off,on; the server runs with the last")
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)  # (a client run's, internal)
     args = parser.parse_args()
 
@@ -446,6 +457,9 @@ def main() -> None:
         args.variants = [(int(p), float(s)) for p, s in (pair.split(":") for pair in args.variants.split(","))]
     except ValueError:
         parser.error(f"--variants {args.variants!r}: expected PROCESSES:SECONDS pairs, comma-separated")
+    args.prefill_graphs = args.prefill_graphs.split(",")
+    if not set(args.prefill_graphs) <= {"on", "off"}:
+        parser.error(f"--prefill-graphs {','.join(args.prefill_graphs)!r}: expected on and/or off, comma-separated")
     args.prompt_len = counts("--prompt-len", args.prompt_len, 2)
     args.answer_len = counts("--answer-len", args.answer_len, 2)
     for flag in ("requests", "max_batch_size", "max_seq_len", "static_prompt_len", "static_new_tokens"):

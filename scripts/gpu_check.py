@@ -16,8 +16,8 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama import quant  # noqa: E402
-from llama.api import CompiledDecodeStep, Llama  # noqa: E402
-from llama.generate import decode_step  # noqa: E402
+from llama.api import CompiledDecodeStep, Llama, PrefillGraphs  # noqa: E402
+from llama.generate import decode_step, prefill_step  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "llama-3.2-1b.json"
 
@@ -95,16 +95,56 @@ def main() -> int:
              zip(greedy_eager, greedy_compiled)]
     print(f"free-running greedy, eager vs compiled: identical prefix per row {agree} of 64 (after a near-tie the "
           f"two continuations are different sequences)")
+    ok &= check_prefill_graphs(fast, tokens, fp32, baseline)
     ok &= check_quantized(eager, tokens, baseline, compiled)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
+
+
+@torch.inference_mode()
+def check_prefill_graphs(llm: Llama, tokens: torch.Tensor, fp32: torch.Tensor, baseline: float) -> bool:
+    """Prefills replayed from CUDA graphs (`PrefillGraphs`, over the compiled layers) against the plain prefill:
+    the prompts' last logits against float32 (as close as transformers' bf16), and the keys and values they leave
+    in the cache rows against the plain prefill's. The same bucket is replayed with other prompts (the padding
+    then holds the earlier prompts' tokens), and one prompt alone takes a bucket of its own."""
+    model = llm.model
+    model.setup_cache(8, 256)
+    graphs = PrefillGraphs()
+    ok = True
+    print("\n| prefill from a CUDA graph (bucket) | logits vs float32 | / transformers bf16 | plain prefill's | "
+          "cache vs plain prefill's |\n|---|---|---|---|---|")
+    for lengths, rows in (((160, 37, 90), (5, 1, 6)), ((150, 20, 100), (2, 7, 0)), ((64,), (3,))):
+        n, T = len(lengths), max(lengths)
+        batch = torch.zeros(n, T, dtype=torch.long, device=tokens.device)
+        for i, length in enumerate(lengths):
+            batch[i, :length] = tokens[i, :length]
+        at = torch.tensor(lengths, device=tokens.device) - 1
+        slots = torch.tensor(rows, device=tokens.device)
+        reference = fp32[torch.arange(n), at]
+        graph = graphs(model, batch, at, slots).float()
+        cached = [(layer.attention.cache.k[slots].clone(), layer.attention.cache.v[slots].clone())
+                  for layer in model.layers]
+        plain = prefill_step(model, batch, at, slots).float()
+        cache_error = max(relative_error(saved[i, :, :length], now[slots][i, :, :length].float())
+                          for layer, pair in zip(model.layers, cached)
+                          for saved, now in zip(pair, (layer.attention.cache.k, layer.attention.cache.v))
+                          for i, length in enumerate(lengths))
+        error, plain_error = relative_error(graph, reference), relative_error(plain, reference)
+        bucket = (1 << (n - 1).bit_length(), max(16, 1 << (T - 1).bit_length()))
+        print(f"| {n} prompts of {lengths} tokens, bucket {bucket} | {error:.2e} | {error / baseline:.2f} | "
+              f"{plain_error:.2e} | {cache_error:.2e} |")
+        ok &= error <= 1.5 * baseline and cache_error <= baseline and graphs.buckets[bucket].graph is not None
+    model.clear_cache()
+    return ok
 
 
 def check_quantized(dense: Llama, tokens: torch.Tensor, baseline: float, compiled: CompiledDecodeStep) -> bool:
     """The quantized layers' Triton kernels (full forward: the many-row kernels; cached decode: the one-row ones,
     eager and inside the compiled step) against the reference path, which multiplies by the dequantized weights
     with F.linear, on the same quantized values in bf16. They may differ by bf16 rounding alone: at most 1.5x
-    transformers' own bf16 error against float32."""
+    transformers' own bf16 error against float32. The full forward is of 4 x 96 tokens: from 512 rows
+    (`quant.GPU_DENSE_ROWS`) the layers take the reference path themselves."""
+    rows = tokens[:, :96]
     ok = True
     print("\n| quantized, kernels vs the dequantize + F.linear reference (bf16) | relative error | / transformers "
           "bf16 |\n|---|---|---|")
@@ -112,9 +152,9 @@ def check_quantized(dense: Llama, tokens: torch.Tensor, baseline: float, compile
         model = quant.quantize_model(dense.model, quant.QuantizationConfig.make(mode, group))
         llm = Llama(model)
         quant.use_reference(model)
-        reference_full, reference_steps = llm.logits(tokens), cached_logits(llm, tokens, 32, decode_step)
+        reference_full, reference_steps = llm.logits(rows), cached_logits(llm, tokens, 32, decode_step)
         quant.use_reference(model, False)
-        full, steps = llm.logits(tokens), cached_logits(llm, tokens, 32, decode_step)
+        full, steps = llm.logits(rows), cached_logits(llm, tokens, 32, decode_step)
         model.use_triton_kernels()
         compiled_steps = cached_logits(llm, tokens, 32, compiled)
         name = mode + (f" g{group}" if group else "")

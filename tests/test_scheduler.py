@@ -8,6 +8,7 @@ import torch
 from conftest import official_config, shrink, write_hf_checkpoint
 
 import llama
+from llama.api import PrefillGraphs
 from llama.generate import SamplingParams
 from llama.scheduler import QueueFull, Request, Scheduler
 
@@ -167,3 +168,33 @@ def test_unseeded_sampling_neither_repeats_nor_moves_the_callers_random_state(ll
     runs = [llm.generate(prompt(21, 4), max_new_tokens=12, temperature=1.0)[0].token_ids for _ in range(2)]
     assert torch.equal(torch.rand(3), expected)  # the caller's global generator was neither drawn from nor reseeded
     assert runs[0] != runs[1]
+
+
+class _PaddedPrefills:
+    """The decode step, with prefills padded to buckets as api.PrefillGraphs pads them for its CUDA graphs (run
+    plainly here: the padding is what a CPU can check)."""
+
+    def __init__(self, decode):
+        self.decode, self.prefill = decode, PrefillGraphs(record=False)
+
+    def __call__(self, *args, **kwargs):
+        return self.decode(*args, **kwargs)
+
+
+def test_prefills_padded_to_graph_buckets_leave_every_answer_as_it_was(llm, checkpoint):
+    """Prompts padded to 16/32 tokens, 3 prompts admitted at once padded to 4 rows (the 4th repeating the first):
+    every request, those already decoding beside them included, still gets transformers' solo tokens."""
+    llm.model.setup_cache(5, 128)
+    decode = _PaddedPrefills(llm._decode_step)
+    s = Scheduler(llm.model, decode, None, [])
+    prompts = [prompt(40, 5), prompt(41, 17), prompt(42, 2), prompt(43, 11), prompt(44, 9)]
+    first = s.submit(Request(prompts[0], 14))
+    run(s, [first], steps=4)
+    rest = [s.submit(Request(p, 10)) for p in prompts[1:4]]
+    run(s, [first, *rest], steps=3)
+    last = s.submit(Request(prompts[4], 8))
+    jobs = [first, *rest, last]
+    run(s, jobs)
+    assert set(decode.prefill.buckets) == {(1, 16), (4, 32)}  # (the 5th joined alone, into a 16-token bucket)
+    for job, ids in zip(jobs, prompts):
+        assert job.output.token_ids == transformers_greedy(checkpoint[1], ids, job.request.max_new_tokens)
