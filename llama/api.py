@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from llama import generate
 from llama.arguments import DEVICE_TYPES, ArgumentError, check, check_device_name, check_stop, spelled
 from llama.config import ConfigError, ModelConfig, read_json
 from llama.generate import GenerationResult, SamplingParams, decode_step, prefill_step, verify_step
 from llama.hub import resolve_model
-from llama.model import Linear, Transformer
+from llama.model import Joining, Linear, Transformer
 from llama.quant import QuantizationConfig
 from llama.scheduler import Output, Request, Scheduler
 from llama.speculative import (
@@ -147,9 +149,9 @@ class CompiledDecodeStep:
 
     def __call__(self, model: Transformer, token: Tensor, position: Tensor, in_step: bool = False,
                  race: Tensor | None = None, temperature: Tensor | None = None, top_k: Tensor | None = None,
-                 span: int | None = None) -> Tensor:
+                 span: int | None = None, joining: Joining | None = None) -> Tensor:
         if not token.is_cuda:
-            return decode_step(model, token, position, in_step, race, temperature, top_k, span=span)
+            return decode_step(model, token, position, in_step, race, temperature, top_k, span=span, joining=joining)
         attention = model.layers[0].attention
         if attention.decode_kernel is not None:
             span = None  # the kernel reads up to each row's position, whatever the span
@@ -159,12 +161,15 @@ class CompiledDecodeStep:
             return self.step(model, token, position, in_step, race, temperature, top_k, span=span)
         from llama.kernels import kth_largest  # (needs Triton, so only here)
 
-        B, V = token.shape[0], model.lm_head.out_features
+        # (rows: the step's, and with `joining` its prompts' after them)
+        B, V = token.shape[0] + (0 if joining is None else joining.tokens.shape[0]), model.lm_head.out_features
         if race is None:  # greedy
             race = self._constant(("ones", B, V), lambda: torch.ones(B, V, device=token.device))
             temperature = self._constant(("zero", B), lambda: torch.zeros(B, 1, device=token.device))
         if top_k is None:
             top_k = self._constant(("k", B, V), lambda: torch.full((B,), V, device=token.device))
+        if joining is not None:  # (the prompts' prefill and this step, replayed from one graph)
+            return self.prefill_graphs.joined(model, token, position, race, temperature, top_k, joining)
         return self.step(model, token, position, True, race, temperature, top_k, kth_largest, span=span)
 
     def verify(self, model: Transformer, tokens: Tensor, positions: Tensor, span: int, choose: bool = False) -> Tensor:
@@ -187,11 +192,12 @@ class CompiledDecodeStep:
         """`generate.prefill_step`; on a GPU replayed from a CUDA graph of its bucket (`PrefillGraphs`)."""
         if not tokens.is_cuda:
             return prefill_step(model, tokens, logits_at, rows)
-        return self.prefill_graphs(model, tokens, logits_at, rows)
+        return self.prefill_graphs.prefill(model, tokens, logits_at, rows)
 
 
 class PrefillGraphs:
-    """Prefills replayed from CUDA graphs, one per bucket of prompts x tokens, recorded at a bucket's first use.
+    """Prefills, alone or joining a decode step (model.Joining), replayed from CUDA graphs: one per bucket,
+    recorded at the bucket's first use.
 
     Launching a prefill's ~400 kernels (the layers compiled for every length, `compile_layers`) takes the host
     12-25 ms on the Llama-3.1-8B shape, where one prompt of 160 tokens is ~8 ms of GPU work, and a request joining
@@ -201,69 +207,101 @@ class PrefillGraphs:
 
     A bucket is n prompts rounded up to a power of two (the extra rows repeat the first prompt into its own cache
     row: the same values written twice) by T tokens rounded up to a power of two of at least 16, at most the
-    cache's length. The positions past a prompt's end hold whatever tokens the bucket held before: causal attention
-    keeps them from the prompt's own tokens, and the keys and values they leave in the cache lie past the row's
-    position, where its decode steps write before they read. A bucket of more than `max_tokens` runs without a
-    graph: its GPU time hides the launches. With `record=False` (the CPU tests of the padding) the bucket runs
-    plainly."""
+    cache's length, and for a decode step that they join, its B rows. The positions past a prompt's end hold
+    padding: causal attention keeps it from the prompt's own tokens, and the keys and values it leaves in the cache
+    lie past the row's position, where its decode steps write before they read. A bucket of more than `max_tokens`
+    prompt tokens runs without a graph: its GPU time hides the launches. With `record=False` (the CPU tests of the
+    padding) a bucket runs plainly."""
 
     MAX_TOKENS = 2048  # prompts x tokens of the largest bucket replayed from a graph
 
     def __init__(self, max_tokens: int = MAX_TOKENS, record: bool = True):
         self.max_tokens, self.record = max_tokens, record
-        self.buckets: dict[tuple[int, int], _PrefillBucket] = {}
+        self.buckets: dict[tuple[int, int, int], _Bucket] = {}  # (B, or 0 for a prefill alone; N, L)
         self.pool = None  # one memory pool for every bucket's graph: they run one at a time
 
-    def __call__(self, model: Transformer, tokens: Tensor, logits_at: Tensor, rows: Tensor) -> Tensor:
+    def prefill(self, model: Transformer, tokens: Tensor, logits_at: Tensor, rows: Tensor) -> Tensor:
+        """`generate.prefill_step`: -> logits [n, V]."""
         n, T = tokens.shape
+        shape = self._shape(model, n, T)
+        if shape is None:
+            return prefill_step(model, tokens, logits_at, rows)
+        inputs = _padded_prompts(Joining(tokens, rows, logits_at), *shape)
+        logits = self._run((0, *shape), inputs, lambda b: prefill_step(model, b["tokens"], b["logits_at"], b["rows"]))
+        return logits[:n]
+
+    def joined(self, model: Transformer, token: Tensor, position: Tensor, race: Tensor | None,
+               temperature: Tensor | None, top_k: Tensor | None, joining: Joining) -> Tensor:
+        """`generate.decode_step` with prompts joining, choosing the tokens (`generate.pick`): -> tokens [B + n]."""
+        if token.is_cuda:
+            from llama.kernels import kth_largest as kth  # (needs Triton, so only here)
+        else:
+            kth = generate.kth_largest
+        B, (n, T) = token.shape[0], joining.tokens.shape
+        shape = self._shape(model, n, T)
+        if shape is None:
+            return decode_step(model, token, position, True, race, temperature, top_k, kth, joining=joining)
+        inputs = _padded_prompts(joining, *shape)
+        every = torch.cat([torch.arange(B, device=token.device), B + inputs.pop("pick")])  # [B + N]
+        inputs |= dict(token=token, position=position,
+                       **{name: t[every] for name, t in (("race", race), ("temperature", temperature),
+                                                         ("top_k", top_k)) if t is not None})
+
+        def step(b: dict[str, Tensor]) -> Tensor:
+            return decode_step(model, b["token"], b["position"], True, b.get("race"), b.get("temperature"),
+                               b.get("top_k"), kth, joining=Joining(b["tokens"], b["rows"], b["logits_at"]))
+
+        return self._run((B, *shape), inputs, step)[:B + n]
+
+    def _shape(self, model: Transformer, n: int, T: int) -> tuple[int, int] | None:
         N = 1 << (n - 1).bit_length()
         L = min(model.layers[0].attention.cache.k.shape[2], max(16, 1 << (T - 1).bit_length()))
-        if N * L > self.max_tokens:
-            return prefill_step(model, tokens, logits_at, rows)
-        bucket = self.buckets.get((N, L))
-        if bucket is None:
-            bucket = self.buckets[N, L] = _PrefillBucket(N, L, tokens.device)
-        pick = torch.arange(N, device=tokens.device) * (torch.arange(N, device=tokens.device) < n)  # 0..n-1, 0, ..
-        bucket.tokens[:, :T] = tokens[pick]
-        bucket.logits_at.copy_(logits_at[pick])
-        bucket.rows.copy_(rows[pick])
+        return (N, L) if N * L <= self.max_tokens else None
+
+    def _run(self, key: tuple[int, int, int], inputs: dict[str, Tensor],
+             run: Callable[[dict[str, Tensor]], Tensor]) -> Tensor:
+        bucket = self.buckets.get(key)
+        if bucket is None:  # its inputs at fixed addresses: a graph reads from there
+            bucket = self.buckets[key] = _Bucket({name: tensor.clone() for name, tensor in inputs.items()})
+        else:
+            for name, tensor in inputs.items():
+                bucket.inputs[name].copy_(tensor)
         if bucket.graph is not None:
             bucket.graph.replay()
         elif not self.record:
-            bucket.logits = bucket.run(model)
+            bucket.output = run(bucket.inputs)
         else:
-            self._record(model, bucket)
-        return bucket.logits[:n]
-
-    def _record(self, model: Transformer, bucket: _PrefillBucket) -> None:
-        stream = torch.cuda.Stream()  # (a warm-up on a side stream, as CUDA graphs want: compiles for the shape)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            bucket.run(model)
-        torch.cuda.current_stream().wait_stream(stream)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # (thread_local: the server's event loop may touch CUDA meanwhile, say a seeded request's generator)
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            bucket.logits = bucket.run(model)
-        graph.replay()
-        bucket.graph = graph
+            stream = torch.cuda.Stream()  # (a warm-up on a side stream, as CUDA graphs want: compiles for the shape)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                run(bucket.inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # (thread_local: the server's event loop may touch CUDA meanwhile, say a seeded request's generator)
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                bucket.output = run(bucket.inputs)
+            graph.replay()
+            bucket.graph = graph
+        return bucket.output
 
 
-class _PrefillBucket:
-    """A bucket's inputs and output, at fixed addresses (a CUDA graph reads and writes those)."""
+@dataclass
+class _Bucket:
+    inputs: dict[str, Tensor]
+    output: Tensor | None = None
+    graph: torch.cuda.CUDAGraph | None = None
 
-    def __init__(self, N: int, L: int, device: torch.device):
-        self.tokens = torch.zeros(N, L, dtype=torch.long, device=device)
-        self.positions = torch.arange(L, device=device)
-        self.logits_at = torch.zeros(N, dtype=torch.long, device=device)
-        self.rows = torch.zeros(N, dtype=torch.long, device=device)
-        self.logits: Tensor | None = None  # [N, V]
-        self.graph: torch.cuda.CUDAGraph | None = None
 
-    def run(self, model: Transformer) -> Tensor:
-        return model(self.tokens, input_pos=self.positions, logits_at=self.logits_at, rows=self.rows)
+def _padded_prompts(prompts: Joining, N: int, L: int) -> dict[str, Tensor]:
+    """n prompts [n, T] -> a bucket's N x L (see PrefillGraphs), their rows and last positions, and `pick` [N]:
+    which prompt each of the N rows is."""
+    n, T = prompts.tokens.shape
+    index = torch.arange(N, device=prompts.tokens.device)
+    pick = index * (index < n)  # 0 .. n-1, then the first again
+    return dict(tokens=F.pad(prompts.tokens[pick], (0, L - T)), rows=prompts.rows[pick],
+                logits_at=prompts.logits_at[pick], pick=pick)
 
 
 def compile_layers(model: Transformer) -> None:

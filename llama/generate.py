@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llama.arguments import check_all
-from llama.model import Transformer
+from llama.model import Joining, Transformer
 
 
 @dataclass
@@ -212,13 +212,16 @@ def pick(logits: Tensor, race: Tensor | None, temperature: Tensor | None, top_k:
 # ---------------------------------------------------------------------------- the loop
 def decode_step(model: Transformer, token: Tensor, position: Tensor, in_step: bool = False,
                 race: Tensor | None = None, temperature: Tensor | None = None, top_k: Tensor | int | None = None,
-                kth: Callable[[Tensor, Tensor | int], Tensor] = kth_largest, span: int | None = None) -> Tensor:
+                kth: Callable[[Tensor, Tensor | int], Tensor] = kth_largest, span: int | None = None,
+                joining: Joining | None = None) -> Tensor:
     """One token per row: token [B, 1] at position [B, 1] -> logits [B, V], or with `in_step` the next token [B]
     chosen by `pick`; the step reads the first `span` cache slots (`Transformer.forward`). The unit
     `compile=True` compiles into one CUDA graph (api.CompiledDecodeStep): the choice is then inside the graph,
     next to the logits; eagerly, the sampler's softmax, top-k and argmax over 128,256 logits took ~0.2 ms per
-    token on an H100."""
-    logits = model(token, input_pos=position, span=span)[:, -1]
+    token on an H100. With `joining`, n prompts are prefilled in the same pass (model.Joining), and their first
+    tokens follow the rows': logits [B + n, V] or tokens [B + n] (race, temperature and top-k then cover all)."""
+    logits = model(token, input_pos=position, span=span, joining=joining)
+    logits = logits if joining is not None else logits[:, -1]
     return pick(logits, race, temperature, top_k, kth) if in_step else logits
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -256,13 +257,25 @@ class Attention(nn.Module):
         self.decode_kernel = None  # the compiled GPU path: kernels.decode_attention (RoPE, cache write and SDPA)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None,
-                rows: Tensor | None = None) -> Tensor:
-        B, T, _ = x.shape
+                rows: Tensor | None = None, joining: Joining | None = None) -> Tensor:
         qkv = self.qkv_proj(x)  # [B, T, (H + 2K) * D]
+        if joining is None:
+            return self.o_proj(self.attend(qkv, cos, sin, input_pos, mask, rows))
+        # A decode step that prompts join (`Joining`): x is [1, B + n P, C], the decode steps' B tokens first
+        B, (n, P) = input_pos.shape[0], joining.tokens.shape
+        decoding = self.attend(qkv[0, :B, None], cos, sin, input_pos, mask)  # [B, 1, H * D]
+        prompts = self.attend(qkv[0, B:].view(n, P, -1), joining.cos, joining.sin, joining.positions, None,
+                              joining.rows)  # [n, P, H * D]
+        return self.o_proj(torch.cat([decoding.flatten(0, 1), prompts.flatten(0, 1)])[None])
+
+    def attend(self, qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None,
+               rows: Tensor | None = None) -> Tensor:
+        """The attention of projected qkv [B, T, (H + 2K) * D] -> [B, T, H * D]."""
+        B, T, _ = qkv.shape
         if self.decode_kernel is not None and self.cache is not None and T == 1 and rows is None:
             # The decode step below as one kernel: rotate q and k, write k and v at input_pos, attend from positions
             out = self.decode_kernel(qkv, cos, sin, self.cache, input_pos)  # [B, H, 1, D]
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            return out.transpose(1, 2).reshape(B, T, -1)
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, K, T, D]
@@ -281,7 +294,7 @@ class Attention(nn.Module):
             k_all, v_all = self.cache.update(input_pos, k, v, rows)  # [B, K, S, D]
             L = mask.shape[-1]
             out = attend(q, k_all[:, :, :L], v_all[:, :, :L], mask)  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return out.transpose(1, 2).reshape(B, T, -1)
 
 
 # ---------------------------------------------------------------------------- SwiGLU MLP
@@ -319,9 +332,23 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None,
-                rows: Tensor | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, rows)
+                rows: Tensor | None = None, joining: Joining | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, rows, joining)
         return h + self.mlp(self.mlp_norm(h))
+
+
+class Joining(NamedTuple):
+    """Prompts that join a decode step (continuous batching, scheduler.py): their prefill and the step share one
+    pass over the weights. The step's B tokens and the prompts' n P tokens go through every matrix product as one
+    stream [1, B + n P, C]; attention alone is apart (the B tokens each at its own position in the cache, each
+    prompt causally over itself, written into its cache row)."""
+
+    tokens: Tensor  # [n, P] the prompts, right-padded, from position 0
+    rows: Tensor  # [n] the cache rows they are written into
+    logits_at: Tensor  # [n] each prompt's last token
+    positions: Tensor | None = None  # [n, P]; the forward fills in these three
+    cos: Tensor | None = None  # [n, P, D]
+    sin: Tensor | None = None
 
 
 class Transformer(nn.Module):
@@ -341,8 +368,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, logits_at: Tensor | None = None,
-                span: int | None = None, rows: Tensor | None = None) -> Tensor:
-        """tokens: [B, T] -> logits [B, T, V] (or [B, V] with `logits_at`).
+                span: int | None = None, rows: Tensor | None = None, joining: Joining | None = None) -> Tensor:
+        """tokens: [B, T] -> logits [B, T, V] (or [B, V] with `logits_at`, or [B + n, V] with `joining`).
 
         input_pos: None for one full causal forward without a cache. With a cache (`setup_cache`), the positions
           of the tokens, [T] or [B, T]: a call with T > 1 and no `span` is a prefill of prompts that start at
@@ -356,6 +383,8 @@ class Transformer(nn.Module):
           host (the generation loop counts it), so reading it costs no device synchronisation. None: all S slots.
         rows: [B] the cache rows the batch's rows read and write (prompts prefilled into the free rows of a running
           batch, scheduler.py); None: rows 0..B-1.
+        joining: n prompts prefilled within this decode step (T == 1), into free cache rows (`Joining`); the logits
+          are then the step's B rows' and, after them, those of each prompt's last token.
         """
         B, T = tokens.shape
         if input_pos is None:
@@ -372,9 +401,17 @@ class Transformer(nn.Module):
             mask = (slots <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
         x = self.embed_tokens(tokens)  # [B, T, C]
         cos, sin = self.rope(positions, x.dtype)  # [B, T, D] each
+        if joining is not None:  # one stream of the step's B tokens, then the prompts' n P: [1, B + n P, C]
+            assert T == 1 and rows is None, "prompts join a decode step"
+            n, P = joining.tokens.shape
+            at = torch.arange(P, device=tokens.device).expand(n, P)  # [n, P]
+            joining = joining._replace(positions=at, **dict(zip(("cos", "sin"), self.rope(at, x.dtype))))
+            x = torch.cat([x[:, 0], self.embed_tokens(joining.tokens).flatten(0, 1)])[None]
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask, rows)
-        if logits_at is not None:
+            x = layer(x, cos, sin, input_pos, mask, rows, joining)
+        if joining is not None:  # the B tokens, and each prompt's last
+            x = torch.cat([x[0, :B], x[0, B + torch.arange(n, device=x.device) * P + joining.logits_at]])  # [B + n, C]
+        elif logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]  # [B, C]
         return self.lm_head(self.norm(x))  # [B, T, V] or [B, V]
 

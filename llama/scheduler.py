@@ -8,8 +8,10 @@ the next waiting request takes the row. No computation mixes rows, so what a req
 what else is in the batch (in float32 on a CPU, exactly; bf16 matrix products on a GPU may round differently at
 another batch size).
 
-    step():  admit   waiting requests -> free rows: one prefill for all of them, first tokens chosen
-             decode  (when none was admitted) one token for every row still generating (`decode_step`), or
+    step():  admit   waiting requests -> free rows: one prefill for all of them, first tokens chosen; on a GPU,
+                     while other rows are decoding, inside the decode step (`model.Joining`: the prompts' tokens
+                     and the step's share one pass over the weights)
+             decode  (when none was admitted apart) one token for every row still generating (`decode_step`), or
                      with a speculator, 1 to k + 1 tokens a row from one verify step (speculative.py)
              read    the tokens of earlier launches -> each request's output (text, stop strings, finish)
 
@@ -45,7 +47,7 @@ from llama.generate import (
     to_device,
     verify_step,
 )
-from llama.model import Transformer
+from llama.model import Joining, Transformer
 from llama.speculative import DraftModel, PromptLookup, accept
 from llama.tokenizer import Tokenizer
 
@@ -172,7 +174,7 @@ class Scheduler:
 
     def __init__(self, model: Transformer, decode: Callable[..., Tensor], tokenizer: Tokenizer | None,
                  eos_token_ids: Sequence[int], seed: int | None = None, max_waiting: int | None = None,
-                 speculator: PromptLookup | DraftModel | None = None):
+                 speculator: PromptLookup | DraftModel | None = None, join: bool | None = None):
         cache = model.layers[0].attention.cache
         assert cache is not None, "set up the model's cache first"
         self.model, self.decode, self.tokenizer = model, decode, tokenizer
@@ -185,6 +187,9 @@ class Scheduler:
                 "set up the draft's cache with the model's rows and length"
         self.slots, self.length = cache.k.shape[0], cache.k.shape[2]
         self.device = model.embed_tokens.weight.device
+        # New prompts join a decode step (`_may_join`) on a GPU, where the step reads every weight once for a few
+        # rows and the prompts' tokens ride along; a CPU computes each token's products anyway.
+        self.join = self.device.type == "cuda" if join is None else join
         self.vocab_size = model.lm_head.out_features
         self.eos_token_ids = set(eos_token_ids)
         self.max_waiting = max_waiting
@@ -241,12 +246,17 @@ class Scheduler:
         """Admit, decode, read (see the module's docstring); -> (job, new text) for each job that moved on."""
         for job in [j for j in self.running.values() if j.cancelled]:
             self._retire(job)
-        if not self._admit():  # (a step that admits does not decode: the new rows' first tokens come sooner)
-            if self.speculator is None or not self._speculate():
-                self._decode()
+        jobs = self._take_waiting()
+        if jobs and self._may_join(jobs):
+            self._decode(jobs)
+        elif jobs:  # (a step that admits without joining does not decode: the new rows' first tokens come sooner)
+            self._admit(jobs)
+        elif self.speculator is None or not self._speculate():
+            self._decode()
         return self._read()
 
-    def _admit(self) -> bool:
+    def _take_waiting(self) -> list[Job]:
+        """The waiting jobs that the free rows can take."""
         with self.lock:
             jobs = []
             while self.waiting and len(jobs) < len(self.free):
@@ -255,8 +265,18 @@ class Scheduler:
                     job.done = True
                 else:
                     jobs.append(job)
-        if not jobs:
-            return False
+        return jobs
+
+    def _may_join(self, jobs: list[Job]) -> bool:
+        """Whether these new jobs' prompts can join the next decode step (`model.Joining`), rather than be prefilled
+        in a step of their own: `join` is on, rows are decoding, no speculator, and no job wants what only the
+        separate steps do (log-probabilities, a repetition penalty, whose prompt tokens count as seen)."""
+        everyone = jobs + [job for job in self.running.values() if job.generating]
+        return self.join and self.speculator is None and len(everyone) > len(jobs) \
+            and all(job.request.logprobs is None and job.request.params.repetition_penalty == 1 for job in everyone)
+
+    def _place(self, jobs: list[Job]) -> tuple[Tensor, Tensor, Tensor]:
+        """Give new jobs their rows: -> their prompts right-padded [n, T], lengths [n] and rows [n], on the device."""
         for job in jobs:
             job.slot = heapq.heappop(self.free)
             self.running[job.slot] = job
@@ -266,7 +286,17 @@ class Scheduler:
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.tensor(prompt)
         slots = to_device(torch.tensor([job.slot for job in jobs]), self.device)
-        tokens, lengths = to_device(tokens, self.device), to_device(lengths, self.device)
+        return to_device(tokens, self.device), to_device(lengths, self.device), slots
+
+    def _started(self, jobs: list[Job], slots: Tensor, lengths: Tensor, first: Tensor) -> None:
+        """New jobs' first tokens [n] chosen: from the next step on, each decodes at its prompt's end."""
+        self.tokens[slots] = first
+        self.positions[slots] = lengths
+        for job in jobs:
+            job.position, job.launched = len(job.request.prompt), 1
+
+    def _admit(self, jobs: list[Job]) -> None:
+        tokens, lengths, slots = self._place(jobs)
         logits = self.prefill(self.model, tokens, lengths - 1, slots).float()  # [n, V]
         if isinstance(self.speculator, DraftModel):
             self.speculator.admit(tokens, lengths, slots)
@@ -282,38 +312,43 @@ class Scheduler:
             seen = self.seen[slots]
         race = self._random(jobs, params, (self.vocab_size,), exponential_race)
         chosen = sample_rows(logits, params, seen, race)  # [n]
-        self.tokens[slots] = chosen
-        self.positions[slots] = lengths
         if self.seen is not None:
             self.seen[slots, chosen] = True
-        for job in jobs:
-            job.position, job.launched = len(job.request.prompt), 1
+        self._started(jobs, slots, lengths, chosen)
         self._launch(list(zip(jobs, range(len(jobs)))), chosen[:, None], logits[:, None])
-        return True
 
-    def _decode(self) -> None:
+    def _decode(self, joining: Sequence[Job] = ()) -> None:
+        """A decode step for the rows generating; with `joining`, new jobs' prompts are prefilled in the same
+        step (`model.Joining`: one pass over the weights for both) and their first tokens chosen."""
         generating = [job for job in self.running.values() if job.generating]
         if not generating:
             return
-        rows = self._rows()
+        rows = self._rows()  # (before the new jobs take their rows: a row they take is a free row of this step)
         B = len(rows)
         span = max(job.position for job in self.running.values()) + 1
-        params, top_k = self._params(rows)
+        join = None
+        if joining:
+            tokens, lengths, slots = self._place(list(joining))
+            join = Joining(tokens, slots, lengths - 1)
+        everyone = rows + list(joining)  # the rows of the tokens chosen: the step's B, then the prompts'
+        params, top_k = self._params(everyone)
         # Which rows advance goes to the device when the rows change, not at every step
         key = tuple(job is not None and job.generating for job in rows)
         if self._advancing is None or self._advancing[0] != key:
             self._advancing = key, to_device(torch.tensor(key, dtype=torch.long), self.device)
-        race = self._random(rows, params, (self.vocab_size,), exponential_race)
+        race = self._random(everyone, params, (self.vocab_size,), exponential_race)
         wants_logprobs = any(job.request.logprobs is not None for job in generating)
         token, position = self.tokens[:B, None], self.positions[:B, None]  # [B, 1] each
         if getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda" and not wants_logprobs \
                 and params.uses <= {"sampling", "top_k"}:
-            chosen = self.decode(self.model, token, position, True, race, params.temperature, top_k, span=span)
+            chosen = self.decode(self.model, token, position, True, race, params.temperature, top_k, span=span,
+                                 **({"joining": join} if join else {}))
             logits = None
         else:
-            logits = self.decode(self.model, token, position, span=span).float()  # [B, V]
+            logits = self.decode(self.model, token, position, span=span,
+                                 **({"joining": join} if join else {})).float()  # [B (+ n), V]
             chosen = sample_rows(logits, params, None if self.seen is None else self.seen[:B], race)
-        self.tokens[:B] = chosen  # (a copy: a CUDA graph's output is overwritten by its next replay)
+        self.tokens[:B] = chosen[:B]  # (a copy: a CUDA graph's output is overwritten by its next replay)
         if self.seen is not None:
             self.seen[torch.arange(B, device=self.device), self.tokens[:B]] = True
         self.positions[:B] += self._advancing[1]  # (rows done generating stay where they are, inside the cache)
@@ -322,8 +357,13 @@ class Scheduler:
             job.launched += 1
         self.decode_steps += 1
         self.decoded_tokens += len(generating)
-        self._launch([(job, job.slot) for job in generating], self.tokens[:B, None].clone(),
-                     logits[:, None] if wants_logprobs else None)
+        if join is None:
+            self._launch([(job, job.slot) for job in generating], self.tokens[:B, None].clone(),
+                         logits[:, None] if wants_logprobs else None)
+            return
+        self._started(list(joining), slots, lengths, chosen[B:])
+        self._launch([(job, job.slot) for job in generating] + [(job, B + i) for i, job in enumerate(joining)],
+                     chosen[:, None].clone(), None)
 
     def _speculate(self) -> bool:
         """A verify step (speculative.py) for the rows still generating; False (nothing done) when no row has a

@@ -308,6 +308,21 @@ def scheduler_alone(scheduler, requests: list[tuple[list[int], int]], in_flight:
     return tokens / elapsed
 
 
+ADMISSIONS = {  # how new requests are prefilled: (from CUDA graphs, inside a decode step)
+    "launched": (False, False),  # apart, their kernels launched one by one
+    "apart": (True, False),  # apart, replayed from a CUDA graph of their bucket (api.PrefillGraphs)
+    "joined": (True, True),  # inside the next decode step, from a graph (model.Joining); the default on a GPU
+}
+
+
+def admit(llm, scheduler, admission: str) -> None:
+    graphs, join = ADMISSIONS[admission]
+    if hasattr(llm._decode_step, "prefill_graphs"):
+        prefill = llm._decode_step.prefill_graphs
+        prefill.max_tokens = prefill.MAX_TOKENS if graphs else 0
+    scheduler.join = join and scheduler.device.type == "cuda"
+
+
 def client_command(args: argparse.Namespace, url: str, json_path: str, processes: int) -> list[str]:
     """This script, as the clients alone against `url`, with this run's workload flags."""
     pair = "{},{}".format
@@ -354,14 +369,14 @@ def serve_and_measure(args: argparse.Namespace) -> None:
         # The same workload without HTTP: the scheduler stepped directly, a new request as soon as one finishes
         requests = draw_requests(max(args.clients) * args.requests, args.prompt_len, args.answer_len,
                                  args.vocab_size, args.seed + 1)
-        graphs = llm._decode_step.prefill_graphs if compile else None
-        for setting in args.prefill_graphs:  # (the server runs with the last)
-            if graphs is not None:
-                graphs.max_tokens = graphs.MAX_TOKENS if setting == "on" else 0
+        for admission in args.admission:  # (the server runs with the last)
+            admit(llm, app.state.engine.scheduler, admission)
             alone = scheduler_alone(app.state.engine.scheduler, requests, max(args.clients))
-            static[f"scheduler_tok_s_prefill_graphs_{setting}"] = static["scheduler_tok_s"] = alone
-            print(f"scheduler alone, {max(args.clients)} requests in flight, prefill graphs {setting}: {alone:.1f} "
+            static[f"scheduler_tok_s_{admission}"] = static["scheduler_tok_s"] = alone
+            print(f"scheduler alone, {max(args.clients)} requests in flight, admission {admission}: {alone:.1f} "
                   f"tok/s ({alone / static['batch_tok_s']:.2f} of the static batch's)", flush=True)
+    else:
+        admit(llm, app.state.engine.scheduler, args.admission[-1])
     print(f"serving at {url}", flush=True)
     scheduler = app.state.engine.scheduler
     runs = []
@@ -434,9 +449,10 @@ def main() -> None:
     parser.add_argument("--variants", default="1:0.005",
                         help="runs in turn, PROCESSES:SECONDS,...: the clients spread over this many processes (one "
                              "Python process parses ~10k chunks/s at most), the server's sys.setswitchinterval")
-    parser.add_argument("--prefill-graphs", default="on",
-                        help="with --compare: the scheduler alone with prefills replayed from CUDA graphs (on) or "
-                             "launched (off), one run each in this order, e.g. off,on; the server runs with the last")
+    parser.add_argument("--admission", default="joined",
+                        help=f"how new requests are prefilled, {', '.join(ADMISSIONS)} (see ADMISSIONS); with "
+                             "--compare, several, comma-separated: the scheduler alone once with each, in order; "
+                             "the server runs with the last")
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)  # (a client run's, internal)
     args = parser.parse_args()
 
@@ -457,9 +473,9 @@ def main() -> None:
         args.variants = [(int(p), float(s)) for p, s in (pair.split(":") for pair in args.variants.split(","))]
     except ValueError:
         parser.error(f"--variants {args.variants!r}: expected PROCESSES:SECONDS pairs, comma-separated")
-    args.prefill_graphs = args.prefill_graphs.split(",")
-    if not set(args.prefill_graphs) <= {"on", "off"}:
-        parser.error(f"--prefill-graphs {','.join(args.prefill_graphs)!r}: expected on and/or off, comma-separated")
+    args.admission = args.admission.split(",")
+    if not set(args.admission) <= set(ADMISSIONS):
+        parser.error(f"--admission {','.join(args.admission)!r}: expected {', '.join(ADMISSIONS)}, comma-separated")
     args.prompt_len = counts("--prompt-len", args.prompt_len, 2)
     args.answer_len = counts("--answer-len", args.answer_len, 2)
     for flag in ("requests", "max_batch_size", "max_seq_len", "static_prompt_len", "static_new_tokens"):

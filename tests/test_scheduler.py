@@ -9,7 +9,8 @@ from conftest import official_config, shrink, write_hf_checkpoint
 
 import llama
 from llama.api import PrefillGraphs
-from llama.generate import SamplingParams
+from llama.generate import SamplingParams, decode_step
+from llama.model import Joining
 from llama.scheduler import QueueFull, Request, Scheduler
 
 VOCAB = 320
@@ -175,7 +176,8 @@ class _PaddedPrefills:
     plainly here: the padding is what a CPU can check)."""
 
     def __init__(self, decode):
-        self.decode, self.prefill = decode, PrefillGraphs(record=False)
+        self.decode, self.graphs = decode, PrefillGraphs(record=False)
+        self.prefill = self.graphs.prefill
 
     def __call__(self, *args, **kwargs):
         return self.decode(*args, **kwargs)
@@ -186,7 +188,7 @@ def test_prefills_padded_to_graph_buckets_leave_every_answer_as_it_was(llm, chec
     every request, those already decoding beside them included, still gets transformers' solo tokens."""
     llm.model.setup_cache(5, 128)
     decode = _PaddedPrefills(llm._decode_step)
-    s = Scheduler(llm.model, decode, None, [])
+    s = Scheduler(llm.model, decode, None, [], join=False)
     prompts = [prompt(40, 5), prompt(41, 17), prompt(42, 2), prompt(43, 11), prompt(44, 9)]
     first = s.submit(Request(prompts[0], 14))
     run(s, [first], steps=4)
@@ -195,6 +197,65 @@ def test_prefills_padded_to_graph_buckets_leave_every_answer_as_it_was(llm, chec
     last = s.submit(Request(prompts[4], 8))
     jobs = [first, *rest, last]
     run(s, jobs)
-    assert set(decode.prefill.buckets) == {(1, 16), (4, 32)}  # (the 5th joined alone, into a 16-token bucket)
+    assert set(decode.graphs.buckets) == {(0, 1, 16), (0, 4, 32)}  # (the 5th joined alone, into a 16-token bucket)
     for job, ids in zip(jobs, prompts):
         assert job.output.token_ids == transformers_greedy(checkpoint[1], ids, job.request.max_new_tokens)
+
+
+def test_prompts_joining_a_decode_step_get_their_solo_tokens(llm, checkpoint):
+    """New prompts prefilled inside a decode step (model.Joining; on by default on a GPU), alone and three at once,
+    into rows below and above the running ones: every request still gets transformers' solo tokens."""
+    llm.model.setup_cache(6, 128)
+    s = Scheduler(llm.model, llm._decode_step, None, [], join=True)
+    prompts = [prompt(50, 6), prompt(51, 13), prompt(52, 3), prompt(53, 9), prompt(54, 21), prompt(55, 4)]
+    first, second = s.submit(Request(prompts[0], 20)), s.submit(Request(prompts[1], 5))
+    run(s, [first, second], steps=2)  # (the first step admits both apart: nothing was decoding)
+    steps = s.decode_steps
+    joined = s.submit(Request(prompts[2], 12))
+    run(s, [first], steps=5)  # the second finishes and frees its row
+    assert second.done and s.decode_steps == steps + 5  # (joining took no step of its own)
+    rest = [s.submit(Request(p, 6 + i)) for i, p in enumerate(prompts[3:])]
+    jobs = [first, second, joined, *rest]
+    run(s, jobs)
+    assert {job.slot for job in rest} == {1, 3, 4}
+    for job, ids in zip(jobs, prompts):
+        assert job.output.token_ids == transformers_greedy(checkpoint[1], ids, job.request.max_new_tokens)
+
+
+def test_a_seeded_request_draws_the_same_tokens_joined_or_apart(llm):
+    llm.model.setup_cache(3, 128)
+    answers = []
+    for join in (False, True):
+        s = Scheduler(llm.model, llm._decode_step, None, [], join=join)
+        running = s.submit(Request(prompt(60, 7), 30, SamplingParams(temperature=0.9), seed=5))
+        s.step()
+        seeded = s.submit(Request(prompt(61, 10), 12, SamplingParams(temperature=1.1, top_k=40), seed=7))
+        run(s, [running, seeded])
+        answers.append((running.output.token_ids, seeded.output.token_ids))
+    assert answers[0] == answers[1]
+
+
+@torch.inference_mode()
+def test_a_joined_step_padded_to_a_graph_bucket_chooses_and_writes_as_unpadded(llm):
+    """PrefillGraphs.joined pads the joining prompts as for its CUDA graphs (2 prompts of 5 and 11 tokens -> 2 x 16;
+    3 -> 4 rows): the tokens chosen and the cache written equal the unpadded step's."""
+    model = llm.model
+    model.setup_cache(8, 64)
+    graphs = PrefillGraphs(record=False)
+    token, position = torch.tensor([[7], [9], [11]]), torch.tensor([[3], [0], [5]])
+    for lengths, rows in (((5, 11), (4, 6)), ((2, 9, 7), (3, 5, 7))):
+        tokens = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+        for i, length in enumerate(lengths):
+            tokens[i, :length] = torch.tensor(prompt(70 + i, length))
+        joining = Joining(tokens, torch.tensor(rows), torch.tensor(lengths) - 1)
+        padded = graphs.joined(model, token, position, None, None, None, joining)
+        written = [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in model.layers]
+        plain = decode_step(model, token, position, True, joining=joining)
+        assert padded.tolist() == plain.tolist()
+        for layer, pair in zip(model.layers, written):
+            for saved, now in zip(pair, (layer.attention.cache.k, layer.attention.cache.v)):
+                for b in range(3):  # the step's rows at their positions, each prompt's row up to its length
+                    torch.testing.assert_close(saved[b, :, position[b, 0]], now[b, :, position[b, 0]])
+                for row, length in zip(rows, lengths):
+                    torch.testing.assert_close(saved[row, :, :length], now[row, :, :length])
+    assert set(graphs.buckets) == {(3, 2, 16), (3, 4, 16)}
