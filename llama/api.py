@@ -223,25 +223,28 @@ class PrefillGraphs:
     def prefill(self, model: Transformer, tokens: Tensor, logits_at: Tensor, rows: Tensor) -> Tensor:
         """`generate.prefill_step`: -> logits [n, V]."""
         n, T = tokens.shape
-        shape = self._shape(model, n, T)
-        if shape is None:
+        N, L = self._shape(model, n, T)
+        if N * L > self.max_tokens:
             return prefill_step(model, tokens, logits_at, rows)
-        inputs = _padded_prompts(Joining(tokens, rows, logits_at), *shape)
-        logits = self._run((0, *shape), inputs, lambda b: prefill_step(model, b["tokens"], b["logits_at"], b["rows"]))
+        inputs = _padded_prompts(Joining(tokens, rows, logits_at), N, L)
+        logits = self._run((0, N, L), inputs, lambda b: prefill_step(model, b["tokens"], b["logits_at"], b["rows"]))
         return logits[:n]
 
     def joined(self, model: Transformer, token: Tensor, position: Tensor, race: Tensor | None,
                temperature: Tensor | None, top_k: Tensor | None, joining: Joining) -> Tensor:
-        """`generate.decode_step` with prompts joining, choosing the tokens (`generate.pick`): -> tokens [B + n]."""
+        """`generate.decode_step` with prompts joining, choosing the tokens (`generate.pick`): -> tokens [B + n].
+
+        At least 2 prompts (the first repeated) and, from the scheduler, 2 rows: the layers, compiled for every size
+        (`compile_layers`), would otherwise compile again for a size of 1 (Dynamo specializes sizes 0 and 1), ~20 s
+        in the middle of serving the first time a prompt joins alone. A bucket too large for a graph runs padded
+        all the same, for that reason."""
         if token.is_cuda:
             from llama.kernels import kth_largest as kth  # (needs Triton, so only here)
         else:
             kth = generate.kth_largest
         B, (n, T) = token.shape[0], joining.tokens.shape
-        shape = self._shape(model, n, T)
-        if shape is None:
-            return decode_step(model, token, position, True, race, temperature, top_k, kth, joining=joining)
-        inputs = _padded_prompts(joining, *shape)
+        N, L = self._shape(model, n, T, fewest=2)
+        inputs = _padded_prompts(joining, N, L)
         every = torch.cat([torch.arange(B, device=token.device), B + inputs.pop("pick")])  # [B + N]
         inputs |= dict(token=token, position=position,
                        **{name: t[every] for name, t in (("race", race), ("temperature", temperature),
@@ -251,15 +254,15 @@ class PrefillGraphs:
             return decode_step(model, b["token"], b["position"], True, b.get("race"), b.get("temperature"),
                                b.get("top_k"), kth, joining=Joining(b["tokens"], b["rows"], b["logits_at"]))
 
-        return self._run((B, *shape), inputs, step)[:B + n]
+        return self._run((B, N, L), inputs, step, graph=N * L <= self.max_tokens)[:B + n]
 
-    def _shape(self, model: Transformer, n: int, T: int) -> tuple[int, int] | None:
-        N = 1 << (n - 1).bit_length()
+    def _shape(self, model: Transformer, n: int, T: int, fewest: int = 1) -> tuple[int, int]:
+        N = max(fewest, 1 << (n - 1).bit_length())
         L = min(model.layers[0].attention.cache.k.shape[2], max(16, 1 << (T - 1).bit_length()))
-        return (N, L) if N * L <= self.max_tokens else None
+        return N, L
 
-    def _run(self, key: tuple[int, int, int], inputs: dict[str, Tensor],
-             run: Callable[[dict[str, Tensor]], Tensor]) -> Tensor:
+    def _run(self, key: tuple[int, int, int], inputs: dict[str, Tensor], run: Callable[[dict[str, Tensor]], Tensor],
+             graph: bool = True) -> Tensor:
         bucket = self.buckets.get(key)
         if bucket is None:  # its inputs at fixed addresses: a graph reads from there
             bucket = self.buckets[key] = _Bucket({name: tensor.clone() for name, tensor in inputs.items()})
@@ -268,7 +271,7 @@ class PrefillGraphs:
                 bucket.inputs[name].copy_(tensor)
         if bucket.graph is not None:
             bucket.graph.replay()
-        elif not self.record:
+        elif not (self.record and graph):
             bucket.output = run(bucket.inputs)
         else:
             stream = torch.cuda.Stream()  # (a warm-up on a side stream, as CUDA graphs want: compiles for the shape)

@@ -323,7 +323,9 @@ class Scheduler:
         generating = [job for job in self.running.values() if job.generating]
         if not generating:
             return
-        rows = self._rows()  # (before the new jobs take their rows: a row they take is a free row of this step)
+        # (before the new jobs take their rows: a row they take is a free row of this step; joined, at least 2
+        # rows, as PrefillGraphs.joined says why)
+        rows = self._rows(2 if joining else 1)
         B = len(rows)
         span = max(job.position for job in self.running.values()) + 1
         join = None
@@ -445,9 +447,9 @@ class Scheduler:
     def _on_device(self, values: list) -> Tensor:
         return to_device(torch.tensor(values), self.device)
 
-    def _rows(self) -> list[Job | None]:
+    def _rows(self, fewest: int = 1) -> list[Job | None]:
         """The rows a decode step runs: the occupied rows, rounded up to a power of two (None: a free row)."""
-        B = min(self.slots, 1 << max(self.running).bit_length())
+        B = min(self.slots, max(fewest, 1 << max(self.running).bit_length()))
         return [self.running.get(slot) for slot in range(B)]
 
     def _params(self, rows: list[Job | None]) -> tuple[RowParams, Tensor]:

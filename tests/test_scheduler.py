@@ -259,3 +259,7 @@ def test_a_joined_step_padded_to_a_graph_bucket_chooses_and_writes_as_unpadded(l
                 for row, length in zip(rows, lengths):
                     torch.testing.assert_close(saved[row, :, :length], now[row, :, :length])
     assert set(graphs.buckets) == {(3, 2, 16), (3, 4, 16)}
+    alone = Joining(tokens[:1], joining.rows[:1], joining.logits_at[:1])  # one prompt: padded to 2
+    padded = graphs.joined(model, token[:1], position[:1], None, None, None, alone)
+    assert padded.tolist() == decode_step(model, token[:1], position[:1], True, joining=alone).tolist()
+    assert (1, 2, 16) in graphs.buckets
