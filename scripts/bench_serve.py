@@ -308,6 +308,22 @@ def scheduler_alone(scheduler, requests: list[tuple[list[int], int]], in_flight:
     return tokens / elapsed
 
 
+def timing_steps(engine) -> list[float]:
+    """From now on, the seconds of each of the engine's scheduler steps that takes over 0.2 s (a compilation or a
+    graph recorded during the run, say) are appended to the list returned."""
+    slow, step = [], engine.scheduler.step
+
+    def timed():
+        start = time.perf_counter()
+        updates = step()
+        if (seconds := time.perf_counter() - start) > 0.2:
+            slow.append(seconds)
+        return updates
+
+    engine.scheduler.step = timed
+    return slow
+
+
 ADMISSIONS = {  # how new requests are prefilled: (from CUDA graphs, inside a decode step)
     "launched": (False, False),  # apart, their kernels launched one by one
     "apart": (True, False),  # apart, replayed from a CUDA graph of their bucket (api.PrefillGraphs)
@@ -388,13 +404,15 @@ def serve_and_measure(args: argparse.Namespace) -> None:
                 print(f"clients in {processes} process(es); the server's switch interval {interval * 1e3:g} ms",
                       flush=True)
                 steps, tokens, start = scheduler.decode_steps, scheduler.decoded_tokens, time.perf_counter()
+                slow = timing_steps(app.state.engine)
                 clients = subprocess.Popen(client_command(args, url, json_path, processes))
                 app.state.engine.run(until=lambda: clients.poll() is not None)  # (serving while the clients run)
                 if clients.returncode != 0:
                     sys.exit(f"the clients failed (exit code {clients.returncode}; their error is above)")
                 steps, tokens = scheduler.decode_steps - steps, scheduler.decoded_tokens - tokens
                 print(f"engine, warm-ups included: {tokens / (time.perf_counter() - start):.0f} tok/s decoded, "
-                      f"{tokens / max(steps, 1):.1f} rows per decode step", flush=True)
+                      f"{tokens / max(steps, 1):.1f} rows per decode step; {len(slow)} steps over 0.2 s "
+                      f"(compiling, recording graphs), {sum(slow):.1f} s together", flush=True)
                 rows = json.loads(Path(json_path).read_text())["rows"]
                 runs.append({"client_processes": processes, "switch_interval": interval, "rows": rows})
                 if static:
