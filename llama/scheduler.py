@@ -8,8 +8,8 @@ the next waiting request takes the row. No computation mixes rows, so what a req
 what else is in the batch (in float32 on a CPU, exactly; bf16 matrix products on a GPU may round differently at
 another batch size).
 
-    step():  admit   waiting requests -> free rows: one prefill for all of them, first tokens chosen; on a GPU,
-                     while other rows are decoding, inside the decode step (`model.Joining`: the prompts' tokens
+    step():  admit   waiting requests -> free rows: one prefill for all of them, first tokens chosen (with `join`,
+                     while other rows are decoding, inside the decode step: `model.Joining`, the prompts' tokens
                      and the step's share one pass over the weights)
              decode  (when none was admitted apart) one token for every row still generating (`decode_step`), or
                      with a speculator, 1 to k + 1 tokens a row from one verify step (speculative.py)
@@ -174,7 +174,7 @@ class Scheduler:
 
     def __init__(self, model: Transformer, decode: Callable[..., Tensor], tokenizer: Tokenizer | None,
                  eos_token_ids: Sequence[int], seed: int | None = None, max_waiting: int | None = None,
-                 speculator: PromptLookup | DraftModel | None = None, join: bool | None = None):
+                 speculator: PromptLookup | DraftModel | None = None, join: bool = False):
         cache = model.layers[0].attention.cache
         assert cache is not None, "set up the model's cache first"
         self.model, self.decode, self.tokenizer = model, decode, tokenizer
@@ -187,9 +187,11 @@ class Scheduler:
                 "set up the draft's cache with the model's rows and length"
         self.slots, self.length = cache.k.shape[0], cache.k.shape[2]
         self.device = model.embed_tokens.weight.device
-        # New prompts join a decode step (`_may_join`) on a GPU, where the step reads every weight once for a few
-        # rows and the prompts' tokens ride along; a CPU computes each token's products anyway.
-        self.join = self.device.type == "cuda" if join is None else join
+        # New prompts may join a decode step (`_may_join`): on a GPU the step reads every weight once for a few rows
+        # and the prompts' tokens ride along (a CPU computes each token's products anyway). Off unless asked for:
+        # on an H100 it took the scheduler alone from 0.79 to 0.81-0.87 of the static batch's tok/s, but the server
+        # collapsed under it (compilations mid-run; docs/benchmarks.md, "Serving").
+        self.join = join
         self.vocab_size = model.lm_head.out_features
         self.eos_token_ids = set(eos_token_ids)
         self.max_waiting = max_waiting

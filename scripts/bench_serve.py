@@ -326,8 +326,8 @@ def timing_steps(engine) -> list[float]:
 
 ADMISSIONS = {  # how new requests are prefilled: (from CUDA graphs, inside a decode step)
     "launched": (False, False),  # apart, their kernels launched one by one
-    "apart": (True, False),  # apart, replayed from a CUDA graph of their bucket (api.PrefillGraphs)
-    "joined": (True, True),  # inside the next decode step, from a graph (model.Joining); the default on a GPU
+    "apart": (True, False),  # apart, replayed from a CUDA graph of their bucket (api.PrefillGraphs); the default
+    "joined": (True, True),  # inside the next decode step, from a graph (model.Joining; Scheduler(join=True))
 }
 
 
@@ -467,7 +467,7 @@ def main() -> None:
     parser.add_argument("--variants", default="1:0.005",
                         help="runs in turn, PROCESSES:SECONDS,...: the clients spread over this many processes (one "
                              "Python process parses ~10k chunks/s at most), the server's sys.setswitchinterval")
-    parser.add_argument("--admission", default="joined",
+    parser.add_argument("--admission", default="apart",
                         help=f"how new requests are prefilled, {', '.join(ADMISSIONS)} (see ADMISSIONS); with "
                              "--compare, several, comma-separated: the scheduler alone once with each, in order; "
                              "the server runs with the last")

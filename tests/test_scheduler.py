@@ -203,7 +203,7 @@ def test_prefills_padded_to_graph_buckets_leave_every_answer_as_it_was(llm, chec
 
 
 def test_prompts_joining_a_decode_step_get_their_solo_tokens(llm, checkpoint):
-    """New prompts prefilled inside a decode step (model.Joining; on by default on a GPU), alone and three at once,
+    """New prompts prefilled inside a decode step (model.Joining, with Scheduler(join=True)), alone and three at once,
     into rows below and above the running ones: every request still gets transformers' solo tokens."""
     llm.model.setup_cache(6, 128)
     s = Scheduler(llm.model, llm._decode_step, None, [], join=True)
