@@ -1,6 +1,6 @@
 """Serving benchmark: M concurrent clients stream completions from the engine's OpenAI-compatible server.
 
-    pip install --no-index --find-links .wheels starlette uvicorn httpx   # GPU machine (no network): carry .wheels
+    pip install --no-index --find-links .wheels starlette uvicorn httptools uvloop httpx  # GPU (offline): carry .wheels
     python scripts/bench_serve.py --compare          # GPU: Llama-3.1-8B shape, random bf16 weights, compiled
     python scripts/bench_serve.py --tiny --device cpu --clients 1,4 --requests 2 --prompt-len 8,16 --answer-len 4,8
                                                      # CPU smoke test of the script itself (no timing claims)
