@@ -235,9 +235,10 @@ class PrefillGraphs:
         """`generate.decode_step` with prompts joining, choosing the tokens (`generate.pick`): -> tokens [B + n].
 
         At least 2 prompts (the first repeated) and, from the scheduler, 2 rows: the layers, compiled for every size
-        (`compile_layers`), would otherwise compile again for a size of 1 (Dynamo specializes sizes 0 and 1), ~20 s
-        in the middle of serving the first time a prompt joins alone. A bucket too large for a graph runs padded
-        all the same, for that reason."""
+        (`compile_layers`), would otherwise compile again for a size of 1 (Dynamo specializes sizes 0 and 1),
+        seconds in the middle of serving the first time a prompt joins alone. A bucket too large for a graph runs
+        padded all the same, for that reason. (Used with `Scheduler(join=True)`, off by default: docs/benchmarks.md,
+        "Serving", says why.)"""
         if token.is_cuda:
             from llama.kernels import kth_largest as kth  # (needs Triton, so only here)
         else:
@@ -254,7 +255,7 @@ class PrefillGraphs:
             return decode_step(model, b["token"], b["position"], True, b.get("race"), b.get("temperature"),
                                b.get("top_k"), kth, joining=Joining(b["tokens"], b["rows"], b["logits_at"]))
 
-        return self._run((B, N, L), inputs, step, graph=N * L <= self.max_tokens)[:B + n]
+        return self._run((B, N, L), inputs, step, use_graph=N * L <= self.max_tokens)[:B + n]
 
     def _shape(self, model: Transformer, n: int, T: int, fewest: int = 1) -> tuple[int, int]:
         N = max(fewest, 1 << (n - 1).bit_length())
@@ -262,7 +263,7 @@ class PrefillGraphs:
         return N, L
 
     def _run(self, key: tuple[int, int, int], inputs: dict[str, Tensor], run: Callable[[dict[str, Tensor]], Tensor],
-             graph: bool = True) -> Tensor:
+             use_graph: bool = True) -> Tensor:
         bucket = self.buckets.get(key)
         if bucket is None:  # its inputs at fixed addresses: a graph reads from there
             bucket = self.buckets[key] = _Bucket({name: tensor.clone() for name, tensor in inputs.items()})
@@ -271,7 +272,7 @@ class PrefillGraphs:
                 bucket.inputs[name].copy_(tensor)
         if bucket.graph is not None:
             bucket.graph.replay()
-        elif not (self.record and graph):
+        elif not (self.record and use_graph):
             bucket.output = run(bucket.inputs)
         else:
             stream = torch.cuda.Stream()  # (a warm-up on a side stream, as CUDA graphs want: compiles for the shape)

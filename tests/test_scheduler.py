@@ -263,3 +263,26 @@ def test_a_joined_step_padded_to_a_graph_bucket_chooses_and_writes_as_unpadded(l
     padded = graphs.joined(model, token[:1], position[:1], None, None, None, alone)
     assert padded.tolist() == decode_step(model, token[:1], position[:1], True, joining=alone).tolist()
     assert (1, 2, 16) in graphs.buckets
+
+
+def test_a_joining_request_that_ends_at_its_first_token_frees_its_row(llm, checkpoint):
+    """Joined into a decode step: a request of max_new_tokens=1, and one whose first token is a stop token, end
+    there; their rows go to the next waiting request, whose answer is still its solo one."""
+    llm.model.setup_cache(3, 128)
+    s = Scheduler(llm.model, llm._decode_step, None, [], join=True)
+    running = s.submit(Request(prompt(80, 5), 12))
+    s.step()
+    one = s.submit(Request(prompt(81, 7), 1))
+    first = transformers_greedy(checkpoint[1], prompt(82, 4), 1)[0]
+    stopped = s.submit(Request(prompt(82, 4), 9, stop_token_ids=[first]))
+    steps = s.decode_steps
+    s.step()
+    assert s.decode_steps == steps + 1  # both joined the step
+    later = s.submit(Request(prompt(83, 6), 5))
+    run(s, [running, one, stopped, later])
+    assert (len(one.output.token_ids), one.output.finish_reason) == (1, "length")
+    assert (stopped.output.token_ids, stopped.output.finish_reason) == ([], "stop")
+    assert later.slot in (one.slot, stopped.slot)
+    for job, seed, length in ((running, 80, 5), (one, 81, 7), (later, 83, 6)):
+        assert job.output.token_ids == transformers_greedy(checkpoint[1], prompt(seed, length),
+                                                           job.request.max_new_tokens)
