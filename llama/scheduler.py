@@ -10,7 +10,8 @@ another batch size).
 
     step():  admit   waiting requests -> free rows: one prefill for all of them, first tokens chosen (with `join`,
                      while other rows are decoding, inside the decode step: `model.Joining`, the prompts' tokens
-                     and the step's share one pass over the weights)
+                     and the step's share one pass over the weights; with `hold`, a lone request may wait a few
+                     steps for another to share its prefill)
              decode  (when none was admitted apart) one token for every row still generating (`decode_step`), or
                      with a speculator, 1 to k + 1 tokens a row from one verify step (speculative.py)
              read    the tokens of earlier launches -> each request's output (text, stop strings, finish)
@@ -139,6 +140,7 @@ class Job:
     launched: int = 0  # tokens whose computation has been launched (the first comes from the prefill)
     received: int = 0  # tokens read back on the host
     cancelled: bool = False
+    held: int = 0  # steps it waited with a row free (`Scheduler.hold`)
     done: bool = False  # finished (output.finish_reason says why) or cancelled; its row is free again
     error: Exception | None = None  # what ended it, when a step failed
 
@@ -174,7 +176,7 @@ class Scheduler:
 
     def __init__(self, model: Transformer, decode: Callable[..., Tensor], tokenizer: Tokenizer | None,
                  eos_token_ids: Sequence[int], seed: int | None = None, max_waiting: int | None = None,
-                 speculator: PromptLookup | DraftModel | None = None, join: bool = False):
+                 speculator: PromptLookup | DraftModel | None = None, join: bool = False, hold: int = 0):
         cache = model.layers[0].attention.cache
         assert cache is not None, "set up the model's cache first"
         self.model, self.decode, self.tokenizer = model, decode, tokenizer
@@ -192,6 +194,10 @@ class Scheduler:
         # on an H100 it took the scheduler alone from 0.79 to 0.81-0.87 of the static batch's tok/s, but the server
         # collapsed under it (compilations mid-run; docs/benchmarks.md, "Serving").
         self.join = join
+        # A lone new request may wait up to `hold` steps for another to be prefilled with, while at least HOLD_ROWS
+        # rows decode: a prefill of one prompt costs about a decode step of all of them (on an H100, 8B shape: ~8
+        # ms against 7.3 ms for 64 rows; 4 prompts ~14 ms), a row left empty a step 1/64 of one. Off unless asked for.
+        self.hold = hold
         self.vocab_size = model.lm_head.out_features
         self.eos_token_ids = set(eos_token_ids)
         self.max_waiting = max_waiting
@@ -257,10 +263,16 @@ class Scheduler:
             self._decode()
         return self._read()
 
+    HOLD_ROWS = 32
+
     def _take_waiting(self) -> list[Job]:
-        """The waiting jobs that the free rows can take."""
+        """The waiting jobs that the free rows can take (none while a lone one is held, `hold`)."""
         with self.lock:
             jobs = []
+            if self.hold and len(self.waiting) == 1 and self.waiting[0].held < self.hold and self.free \
+                    and sum(job.generating for job in self.running.values()) >= self.HOLD_ROWS:
+                self.waiting[0].held += 1
+                return jobs
             while self.waiting and len(jobs) < len(self.free):
                 job = self.waiting.popleft()
                 if job.cancelled:

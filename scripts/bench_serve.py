@@ -324,19 +324,21 @@ def timing_steps(engine) -> list[float]:
     return slow
 
 
-ADMISSIONS = {  # how new requests are prefilled: (from CUDA graphs, inside a decode step)
-    "launched": (False, False),  # apart, their kernels launched one by one
-    "apart": (True, False),  # apart, replayed from a CUDA graph of their bucket (api.PrefillGraphs); the default
-    "joined": (True, True),  # inside the next decode step, from a graph (model.Joining; Scheduler(join=True))
+ADMISSIONS = {  # how new requests are prefilled: (from CUDA graphs, inside a decode step, steps a lone one waits)
+    "launched": (False, False, 0),  # apart, their kernels launched one by one
+    "apart": (True, False, 0),  # apart, replayed from a CUDA graph of their bucket (api.PrefillGraphs); the default
+    "grouped": (True, False, 8),  # apart, from a graph; a lone one waits up to 8 steps for company (Scheduler.hold)
+    "joined": (True, True, 0),  # inside the next decode step, from a graph (model.Joining; Scheduler(join=True))
 }
 
 
 def admit(llm, scheduler, admission: str) -> None:
-    graphs, join = ADMISSIONS[admission]
+    graphs, join, hold = ADMISSIONS[admission]
     if hasattr(llm._decode_step, "prefill_graphs"):
         prefill = llm._decode_step.prefill_graphs
         prefill.max_tokens = prefill.MAX_TOKENS if graphs else 0
     scheduler.join = join and scheduler.device.type == "cuda"
+    scheduler.hold = hold
 
 
 def client_command(args: argparse.Namespace, url: str, json_path: str, processes: int) -> list[str]:

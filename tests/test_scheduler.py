@@ -286,3 +286,34 @@ def test_a_joining_request_that_ends_at_its_first_token_frees_its_row(llm, check
     for job, seed, length in ((running, 80, 5), (one, 81, 7), (later, 83, 6)):
         assert job.output.token_ids == transformers_greedy(checkpoint[1], prompt(seed, length),
                                                            job.request.max_new_tokens)
+
+
+def test_a_lone_request_is_held_for_company_only_while_enough_rows_decode(llm, checkpoint):
+    """With hold=3 (and, here, HOLD_ROWS = 2): a lone request waits up to 3 steps for another; two arriving
+    together go at once; with one row decoding nothing waits. Every answer is still the solo one."""
+    llm.model.setup_cache(6, 128)
+    s = Scheduler(llm.model, llm._decode_step, None, [], hold=3)
+    s.HOLD_ROWS = 2
+    prompts = [prompt(90 + i, 4 + i) for i in range(6)]
+    running = [s.submit(Request(prompts[0], 30)), s.submit(Request(prompts[1], 30))]
+    s.step()
+    lone = s.submit(Request(prompts[2], 6))
+    for held in range(3):
+        s.step()
+        assert lone.slot is None and lone.held == held + 1
+    s.step()
+    assert lone.slot is not None
+    pair = [s.submit(Request(prompts[3], 6)), s.submit(Request(prompts[4], 6))]
+    s.step()
+    assert all(job.slot is not None and job.held == 0 for job in pair)
+    jobs = running + [lone] + pair
+    run(s, jobs)
+    for job, ids in zip(jobs, prompts):
+        assert job.output.token_ids == transformers_greedy(checkpoint[1], ids, job.request.max_new_tokens)
+    one = s.submit(Request(prompts[0], 8))  # one row decoding, fewer than HOLD_ROWS: a lone request goes at once
+    while one.slot is None:
+        s.step()
+    alone = s.submit(Request(prompts[5], 3))
+    s.step()
+    assert alone.slot is not None and alone.held == 0
+    run(s, [one, alone])
