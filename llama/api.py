@@ -158,6 +158,8 @@ class CompiledDecodeStep:
         elif span is not None:
             span = power_of_two_positions(span, attention.cache.k.shape[2])
         if not in_step:
+            if joining is not None:  # (the logits of a step that prompts join: eagerly, around the compiled layers)
+                return decode_step(model, token, position, span=span, joining=joining)
             return self.step(model, token, position, in_step, race, temperature, top_k, span=span)
         from llama.kernels import kth_largest  # (needs Triton, so only here)
 

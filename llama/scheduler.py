@@ -174,6 +174,8 @@ class Scheduler:
     cache is refused at `submit` (a ValueError); `max_waiting` bounds the queue (`QueueFull`). With a
     `speculator` (speculative.py) each decode step verifies the tokens it proposes."""
 
+    HOLD_ROWS = 32  # rows decoding from which a lone new request may be held (`hold`)
+
     def __init__(self, model: Transformer, decode: Callable[..., Tensor], tokenizer: Tokenizer | None,
                  eos_token_ids: Sequence[int], seed: int | None = None, max_waiting: int | None = None,
                  speculator: PromptLookup | DraftModel | None = None, join: bool = False, hold: int = 0):
@@ -263,8 +265,6 @@ class Scheduler:
             self._decode()
         return self._read()
 
-    HOLD_ROWS = 32
-
     def _take_waiting(self) -> list[Job]:
         """The waiting jobs that the free rows can take (none while a lone one is held, `hold`)."""
         with self.lock:
@@ -289,7 +289,7 @@ class Scheduler:
         return self.join and self.speculator is None and len(everyone) > len(jobs) \
             and all(job.request.logprobs is None and job.request.params.repetition_penalty == 1 for job in everyone)
 
-    def _place(self, jobs: list[Job]) -> tuple[Tensor, Tensor, Tensor]:
+    def _place(self, jobs: Sequence[Job]) -> tuple[Tensor, Tensor, Tensor]:
         """Give new jobs their rows: -> their prompts right-padded [n, T], lengths [n] and rows [n], on the device."""
         for job in jobs:
             job.slot = heapq.heappop(self.free)
@@ -302,7 +302,7 @@ class Scheduler:
         slots = to_device(torch.tensor([job.slot for job in jobs]), self.device)
         return to_device(tokens, self.device), to_device(lengths, self.device), slots
 
-    def _started(self, jobs: list[Job], slots: Tensor, lengths: Tensor, first: Tensor) -> None:
+    def _started(self, jobs: Sequence[Job], slots: Tensor, lengths: Tensor, first: Tensor) -> None:
         """New jobs' first tokens [n] chosen: from the next step on, each decodes at its prompt's end."""
         self.tokens[slots] = first
         self.positions[slots] = lengths
@@ -344,7 +344,7 @@ class Scheduler:
         span = max(job.position for job in self.running.values()) + 1
         join = None
         if joining:
-            tokens, lengths, slots = self._place(list(joining))
+            tokens, lengths, slots = self._place(joining)
             join = Joining(tokens, slots, lengths - 1)
         everyone = rows + list(joining)  # the rows of the tokens chosen: the step's B, then the prompts'
         params, top_k = self._params(everyone)
@@ -358,11 +358,10 @@ class Scheduler:
         if getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda" and not wants_logprobs \
                 and params.uses <= {"sampling", "top_k"}:
             chosen = self.decode(self.model, token, position, True, race, params.temperature, top_k, span=span,
-                                 **({"joining": join} if join else {}))
+                                 joining=join)
             logits = None
         else:
-            logits = self.decode(self.model, token, position, span=span,
-                                 **({"joining": join} if join else {})).float()  # [B (+ n), V]
+            logits = self.decode(self.model, token, position, span=span, joining=join).float()  # [B (+ n), V]
             chosen = sample_rows(logits, params, None if self.seen is None else self.seen[:B], race)
         self.tokens[:B] = chosen[:B]  # (a copy: a CUDA graph's output is overwritten by its next replay)
         if self.seen is not None:
@@ -377,7 +376,7 @@ class Scheduler:
             self._launch([(job, job.slot) for job in generating], self.tokens[:B, None].clone(),
                          logits[:, None] if wants_logprobs else None)
             return
-        self._started(list(joining), slots, lengths, chosen[B:])
+        self._started(joining, slots, lengths, chosen[B:])
         self._launch([(job, job.slot) for job in generating] + [(job, B + i) for i, job in enumerate(joining)],
                      chosen[:, None].clone(), None)
 

@@ -105,6 +105,14 @@ def main() -> int:
     return 0 if ok else 1
 
 
+def right_padded(tokens: torch.Tensor, sequences, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `lengths` tokens of these rows of `tokens`, right-padded with 0 [n, max], and their last indices."""
+    batch = torch.zeros(len(lengths), max(lengths), dtype=torch.long, device=tokens.device)
+    for i, (sequence, length) in enumerate(zip(sequences, lengths)):
+        batch[i, :length] = tokens[sequence, :length]
+    return batch, torch.tensor(lengths, device=tokens.device) - 1
+
+
 @torch.inference_mode()
 def check_prefill_graphs(llm: Llama, tokens: torch.Tensor, fp32: torch.Tensor, baseline: float) -> bool:
     """Prefills replayed from CUDA graphs (`PrefillGraphs`, over the compiled layers) against the plain prefill:
@@ -119,10 +127,7 @@ def check_prefill_graphs(llm: Llama, tokens: torch.Tensor, fp32: torch.Tensor, b
           "cache vs plain prefill's |\n|---|---|---|---|---|")
     for lengths, rows in (((160, 37, 90), (5, 1, 6)), ((150, 20, 100), (2, 7, 0)), ((64,), (3,))):
         n, T = len(lengths), max(lengths)
-        batch = torch.zeros(n, T, dtype=torch.long, device=tokens.device)
-        for i, length in enumerate(lengths):
-            batch[i, :length] = tokens[i, :length]
-        at = torch.tensor(lengths, device=tokens.device) - 1
+        batch, at = right_padded(tokens, range(n), lengths)
         slots = torch.tensor(rows, device=tokens.device)
         reference = fp32[torch.arange(n), at]
         graph = graphs.prefill(model, batch, at, slots).float()
@@ -158,10 +163,7 @@ def check_joined_step(llm: Llama, tokens: torch.Tensor, fp32: torch.Tensor, base
     print("\n| decode step joined by prompts | logits vs float32 | / transformers bf16 | graph's choices that differ "
           "| largest top-2 margin there |\n|---|---|---|---|---|")
     for sequences, lengths, rows in (((3, 0), (37, 60), (5, 6)), ((1, 2), (50, 20), (5, 7))):
-        prompts = torch.zeros(2, max(lengths), dtype=torch.long, device=device)
-        for i, (sequence, length) in enumerate(zip(sequences, lengths)):
-            prompts[i, :length] = tokens[sequence, :length]
-        at = torch.tensor(lengths, device=device) - 1
+        prompts, at = right_padded(tokens, sequences, lengths)
         joining = Joining(prompts, torch.tensor(rows, device=device), at)
         reference = torch.cat([fp32[:3, 100], fp32[list(sequences), at]])  # [5, V]
         chosen = graphs.joined(model, token, position, None, None, None, joining)
