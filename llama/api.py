@@ -326,6 +326,11 @@ def compile_layers(model: Transformer) -> None:
     # steps more. Those are specializations, not runaway recompiling: allow 64.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if model.embed_tokens.weight.is_cuda:
+        # Dynamo's "duck shaping" gives sizes that happen to be equal one symbol (a prompt of 128 tokens and the head
+        # dim 128; 64 rows and 64 tokens), and code compiled so holds only while they stay equal: each new
+        # coincidence compiled again, for seconds, in the middle of serving (docs/benchmarks.md, Serving). Every
+        # size its own symbol. (A process-wide setting; it changes which shapes share compiled code, never results.)
+        torch.fx.experimental._config.use_duck_shape = False
         for layer in model.layers:
             layer.compile(dynamic=True)
         return

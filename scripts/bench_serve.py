@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import importlib.util
 import json
 import random
@@ -387,24 +388,23 @@ def serve_and_measure(args: argparse.Namespace) -> None:
         # The same workload without HTTP: the scheduler stepped directly, a new request as soon as one finishes
         requests = draw_requests(max(args.clients) * args.requests, args.prompt_len, args.answer_len,
                                  args.vocab_size, args.seed + 1)
-        for admission in args.admission:  # (the server runs with the last)
+        for admission in args.admission:
             admit(llm, app.state.engine.scheduler, admission)
             alone = scheduler_alone(app.state.engine.scheduler, requests, max(args.clients))
             static[f"scheduler_tok_s_{admission}"] = static["scheduler_tok_s"] = alone
             print(f"scheduler alone, {max(args.clients)} requests in flight, admission {admission}: {alone:.1f} "
                   f"tok/s ({alone / static['batch_tok_s']:.2f} of the static batch's)", flush=True)
-    else:
-        admit(llm, app.state.engine.scheduler, args.admission[-1])
     print(f"serving at {url}", flush=True)
     scheduler = app.state.engine.scheduler
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         json_path = str(Path(folder) / "clients.json")
         try:
-            for processes, interval in args.variants:
+            for admission, (processes, interval) in itertools.product(args.admission, args.variants):
+                admit(llm, scheduler, admission)
                 sys.setswitchinterval(interval)  # (how soon a thread waiting for the interpreter lock gets it)
-                print(f"clients in {processes} process(es); the server's switch interval {interval * 1e3:g} ms",
-                      flush=True)
+                print(f"admission {admission}; clients in {processes} process(es); the server's switch interval "
+                      f"{interval * 1e3:g} ms", flush=True)
                 steps, tokens, start = scheduler.decode_steps, scheduler.decoded_tokens, time.perf_counter()
                 slow = timing_steps(app.state.engine)
                 clients = subprocess.Popen(client_command(args, url, json_path, processes))
@@ -416,7 +416,8 @@ def serve_and_measure(args: argparse.Namespace) -> None:
                       f"{tokens / max(steps, 1):.1f} rows per decode step; {len(slow)} steps over 0.2 s "
                       f"(compiling, recording graphs), {sum(slow):.1f} s together", flush=True)
                 rows = json.loads(Path(json_path).read_text())["rows"]
-                runs.append({"client_processes": processes, "switch_interval": interval, "rows": rows})
+                runs.append({"admission": admission, "client_processes": processes, "switch_interval": interval,
+                             "rows": rows})
                 if static:
                     compare(rows, static)
         finally:
@@ -470,9 +471,9 @@ def main() -> None:
                         help="runs in turn, PROCESSES:SECONDS,...: the clients spread over this many processes (one "
                              "Python process parses ~10k chunks/s at most), the server's sys.setswitchinterval")
     parser.add_argument("--admission", default="apart",
-                        help=f"how new requests are prefilled, {', '.join(ADMISSIONS)} (see ADMISSIONS); with "
-                             "--compare, several, comma-separated: the scheduler alone once with each, in order; "
-                             "the server runs with the last")
+                        help=f"how new requests are prefilled, {', '.join(ADMISSIONS)} (see ADMISSIONS); "
+                             "several, comma-separated: the server runs with each in turn (and with --compare, "
+                             "the scheduler alone first, once with each)")
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)  # (a client run's, internal)
     args = parser.parse_args()
 

@@ -68,14 +68,17 @@ def test_bench_serve_streams_every_answer_in_full_from_the_in_process_server(tmp
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "--tiny", "--device", "cpu", "--clients", "1,3",
          "--requests", "2", "--prompt-len", "4,8", "--answer-len", "3,6", "--compare", "--static-prompt-len", "4",
-         "--static-new-tokens", "4", "--json", str(tmp_path / "out.json")],
+         "--static-new-tokens", "4", "--admission", "apart,grouped", "--json", str(tmp_path / "out.json")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads((tmp_path / "out.json").read_text())["runs"][0]["rows"]
-    assert [row["clients"] for row in rows] == [1, 3]
-    for row in rows:
-        assert row["requests"] == 2 * row["clients"]
-        assert 3 * row["requests"] <= row["output_tokens"] <= 6 * row["requests"]
+    runs = json.loads((tmp_path / "out.json").read_text())["runs"]
+    assert [run["admission"] for run in runs] == ["apart", "grouped"]  # the server ran once with each
+    for run in runs:
+        rows = run["rows"]
+        assert [row["clients"] for row in rows] == [1, 3]
+        for row in rows:
+            assert row["requests"] == 2 * row["clients"]
+            assert 3 * row["requests"] <= row["output_tokens"] <= 6 * row["requests"]
     targets = [line for line in result.stdout.splitlines() if line.startswith(("| output tok/s", "| inter-token"))]
-    assert len(targets) == 2 and "nan" not in "".join(targets)  # both comparisons printed, with figures
+    assert len(targets) == 4 and "nan" not in "".join(targets)  # both comparisons printed for each, with figures
