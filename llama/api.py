@@ -140,7 +140,10 @@ class CompiledDecodeStep:
         torch._inductor.config.coordinate_descent_tuning = True
         if hasattr(torch._inductor.config.triton, "enable_pdl"):  # (torch >= 2.10)
             torch._inductor.config.triton.enable_pdl = True
-        self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+        # One static compilation per batch size (the scheduler's sizes are few: Scheduler.batch_sizes). Left to
+        # Dynamo, the third size made a dynamic step whose guards held only for the sizes that split the cache
+        # into as many pieces (kernels.decode_attention), and each new size compiled again, for up to a minute.
+        self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         self.verify_graph: Callable[..., Tensor] | None = None  # compiled at the first speculative step
         self.prefill_graphs = PrefillGraphs()
         self.constants: dict[tuple, Tensor] = {}

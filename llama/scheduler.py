@@ -20,7 +20,8 @@ Nothing in `admit` or `decode` waits for the GPU: positions are counted on the h
 host through pinned memory. On a GPU `read` takes the tokens of the step before the newest, which the GPU has
 already finished while it works on the newest one, so it is never left idle; a finish is thus seen one step late and
 that row's extra token is dropped. The batch a decode step runs is the occupied rows rounded up to a power of two
-(one CUDA graph per size when compiled). A speculative step needs each row's tokens on the host to propose the
+(on a GPU at least 8 past one row; one compiled step and CUDA graph per size, `warm_up` makes them all before
+serving). A speculative step needs each row's tokens on the host to propose the
 next ones, so it reads them at once.
 """
 
@@ -30,6 +31,7 @@ import hashlib
 import heapq
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -175,6 +177,7 @@ class Scheduler:
     `speculator` (speculative.py) each decode step verifies the tokens it proposes."""
 
     HOLD_ROWS = 32  # rows decoding from which a lone new request may be held (`hold`)
+    GPU_FEWEST_ROWS = 8  # a GPU's decode steps of more than one row run at least this many (`_batch_size`)
 
     def __init__(self, model: Transformer, decode: Callable[..., Tensor], tokenizer: Tokenizer | None,
                  eos_token_ids: Sequence[int], seed: int | None = None, max_waiting: int | None = None,
@@ -461,9 +464,40 @@ class Scheduler:
         return to_device(torch.tensor(values), self.device)
 
     def _rows(self, fewest: int = 1) -> list[Job | None]:
-        """The rows a decode step runs: the occupied rows, rounded up to a power of two (None: a free row)."""
-        B = min(self.slots, max(fewest, 1 << max(self.running).bit_length()))
+        """The rows a decode step runs: the occupied rows (up to the highest), as `_batch_size` rounds them (None:
+        a free row)."""
+        B = self._batch_size(max(fewest, max(self.running) + 1))
         return [self.running.get(slot) for slot in range(B)]
+
+    def _batch_size(self, rows: int) -> int:
+        """The batch a decode step of `rows` rows runs: a power of two (one compiled step, and CUDA graph, per size);
+        on a GPU, past one row, at least GPU_FEWEST_ROWS: a step reads every weight once, so 8 rows cost what 2 do,
+        and each size is a compilation (`warm_up`)."""
+        B = 1 << (rows - 1).bit_length()
+        if B > 1 and self.device.type == "cuda":
+            B = max(B, self.GPU_FEWEST_ROWS)
+        return min(self.slots, B)
+
+    def batch_sizes(self) -> list[int]:
+        """Every batch size a decode step may run."""
+        return sorted({self._batch_size(rows) for rows in range(1, self.slots + 1)})
+
+    @torch.inference_mode()
+    def warm_up(self, report: Callable[[str], None] = lambda line: None) -> None:
+        """Compile, and record as a CUDA graph, the decode step of each of `batch_sizes` now, where the step is
+        compiled on a GPU. A size first met while serving would stop every row while it compiles: up to a minute
+        for the 8B shape on an H100 (docs/benchmarks.md, Serving). `report` gets a line per size."""
+        if not (getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda"):
+            return
+        for B in self.batch_sizes():
+            start = time.perf_counter()
+            params, top_k = self._params([None] * B)
+            for _ in range(2):  # (the first run compiles, the second records the graph)
+                self.decode(self.model, self.tokens[:B, None], self.positions[:B, None], True, None,
+                            params.temperature, top_k, span=1)
+            torch.cuda.synchronize(self.device)
+            report(f"decode step for {B} rows ready in {time.perf_counter() - start:.1f} s")
+        self._row_params = None
 
     def _params(self, rows: list[Job | None]) -> tuple[RowParams, Tensor]:
         """The rows' sampling parameters, and each row's top-k as a tensor [B] (no top-k: V), sent to the device

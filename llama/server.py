@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -610,6 +611,8 @@ def serve(llm: Llama, host: str, port: int, served_model_name: str, max_batch_si
 
     previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        # (compiled on a GPU: every batch size's decode step before the first request, not in the middle of serving)
+        app.state.engine.scheduler.warm_up(lambda line: print(line, file=sys.stderr, flush=True))
         http.start()
         app.state.engine.run(until=lambda: not http.is_alive())
         http.join()

@@ -384,6 +384,7 @@ def serve_and_measure(args: argparse.Namespace) -> None:
           flush=True)
 
     app = make_server_app(llm, args)
+    app.state.engine.scheduler.warm_up(lambda line: print(line, flush=True))  # (as `llama serve` does)
     server, thread, url = start_server(app, args.host)
     # (everything that runs the model runs on this, the main, thread, as under `llama serve`: see llama.server.serve)
     static = static_figures(llm, args, max(args.clients)) if args.compare else None

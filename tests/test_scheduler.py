@@ -317,3 +317,22 @@ def test_a_lone_request_is_held_for_company_only_while_enough_rows_decode(llm, c
     s.step()
     assert alone.slot is not None and alone.held == 0
     run(s, [one, alone])
+
+
+def test_decode_steps_run_only_the_batch_sizes_warm_up_compiles(llm):
+    """On a GPU `warm_up` compiles the decode step for each of `batch_sizes` before serving, so every step must run
+    one of them: powers of two up to the rows the cache has, and on a GPU at least GPU_FEWEST_ROWS past one row."""
+    s = scheduler(llm, 12)
+    assert s.batch_sizes() == [1, 2, 4, 8, 12]
+    seen, decode = [], s.decode
+    s.decode = lambda model, token, *args, **kwargs: seen.append(token.shape[0]) or decode(model, token, *args,
+                                                                                           **kwargs)
+    jobs = []
+    for i in range(12):  # requests arriving two steps apart, the later ones shorter: the batch grows, then shrinks
+        jobs.append(s.submit(Request(prompt(120 + i, 3 + i), 40 - 3 * i)))
+        s.step()
+        s.step()
+    run(s, jobs)
+    assert set(seen) == {1, 2, 4, 8, 12}
+    s.device = torch.device("cuda")  # (only the rule: nothing runs)
+    assert s.batch_sizes() == [1, 8, 12] and s._batch_size(2) == 8 and s._batch_size(9) == 12
