@@ -309,16 +309,20 @@ def scheduler_alone(scheduler, requests: list[tuple[list[int], int]], in_flight:
     return tokens / elapsed
 
 
-def timing_steps(engine) -> list[float]:
-    """From now on, the seconds of each of the engine's scheduler steps that takes over 0.2 s (a compilation or a
-    graph recorded during the run, say) are appended to the list returned."""
-    slow, step = [], engine.scheduler.step
+def timing_steps(engine) -> list[tuple[float, str]]:
+    """From now on, each of the engine's scheduler steps that takes over 0.2 s (a compilation or a graph recorded
+    during the run, say) is appended to the list returned: its seconds, and what it was."""
+    scheduler = engine.scheduler
+    slow, step = [], scheduler.step
 
     def timed():
-        start = time.perf_counter()
+        start, steps, rows, waiting = time.perf_counter(), scheduler.decode_steps, max(scheduler.running, default=-1), \
+            len(scheduler.waiting)
         updates = step()
         if (seconds := time.perf_counter() - start) > 0.2:
-            slow.append(seconds)
+            kind = "decode" if scheduler.decode_steps > steps else "prefill"
+            slow.append((seconds, f"{kind}: highest row {rows} before, {waiting} waiting, highest row "
+                                  f"{max(scheduler.running, default=-1)} after"))
         return updates
 
     engine.scheduler.step = timed
@@ -414,7 +418,10 @@ def serve_and_measure(args: argparse.Namespace) -> None:
                 steps, tokens = scheduler.decode_steps - steps, scheduler.decoded_tokens - tokens
                 print(f"engine, warm-ups included: {tokens / (time.perf_counter() - start):.0f} tok/s decoded, "
                       f"{tokens / max(steps, 1):.1f} rows per decode step; {len(slow)} steps over 0.2 s "
-                      f"(compiling, recording graphs), {sum(slow):.1f} s together", flush=True)
+                      f"(compiling, recording graphs), {sum(seconds for seconds, _ in slow):.1f} s together",
+                      flush=True)
+                for seconds, what in slow[:12]:
+                    print(f"  {seconds:.2f} s, {what}", flush=True)
                 rows = json.loads(Path(json_path).read_text())["rows"]
                 runs.append({"admission": admission, "client_processes": processes, "switch_interval": interval,
                              "rows": rows})
