@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import official_config, shrink, write_hf_checkpoint
+from conftest import official_config, relative_error, shrink, write_hf_checkpoint
 
 import llama
 from llama import cpu_kernels, quant
 from llama.cli import main
 from llama.perplexity import windows
-from llama.quant import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from llama.quant import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,
+                         unpack_int4)
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")  # real English prose, in Debian's base-files everywhere
 
@@ -89,15 +90,29 @@ def _magnitudes(layer) -> torch.Tensor:
 def test_quantized_layer_equals_the_dequantized_weights_matmul(make, rows):
     """Against the dequantized weight's matmul in float64, within float32's rounding bound for sums of 200 terms
     (K u times the sum of the terms' sizes, u = 2^-24): on a CPU, 1 to 17 rows take the C++ kernels of
-    cpu_kernels.py (70 rows: a last block of 2, 200 features: a tail past the vectors), 18 rows a dense matmul."""
+    cpu_kernels.py (70 rows: a last block of 2, 200 features: a tail past the vectors), 18 rows a dense matmul.
+    The int4 kernel multiplies x rounded to 16 bits per block of 32 features by the nibbles q in integers (the
+    mins meet x itself): its reference is that formula, spelled out here, and x itself is within ~1e-5 of it."""
     torch.manual_seed(rows)
     layer = _filled(make(), torch.randn(70, 200))
-    x = torch.randn(2, rows, 200)
+    x = torch.randn(2, rows, 200) * torch.rand(200) * 4  # (features of different sizes)
     expected = x.double() @ layer.dequantized().double().T
     bound = 200 * 2.0**-24 * (x.abs().double() @ _magnitudes(layer).double().T)
-    assert ((layer(x).double() - expected).abs() <= bound).all()
+    got = layer(x).double()
+    if isinstance(layer, Int4Linear) and rows <= cpu_kernels.MAX_ROWS:
+        G, Kp = layer.group_size, layer.padded_in_features
+        x_padded = torch.nn.functional.pad(x, (0, Kp - 200))
+        blocks = x_padded.view(2, rows, -1, 32)
+        most = blocks.abs().amax(-1, keepdim=True)  # float32, as the kernel: d = most / 32767, q = round(x 32767 / most)
+        x16 = torch.round(blocks * torch.where(most > 0, 32767 / most, 0)) * (most / 32767)
+        q = unpack_int4(layer.qweight).double().view(70, -1, G) * layer.scales.double()[..., None]  # [N, Kp/G, G]
+        from_q = (x16.double().view(2, rows, 1, -1, G) * q).sum((-1, -2))
+        from_mins = (x_padded.double().view(2, rows, 1, -1, G).sum(-1) * layer.mins.double()).sum(-1)
+        assert ((got - expected).abs() / expected.abs().max() < 1e-4).all()
+        expected = from_q + from_mins
+    assert ((got - expected).abs() <= bound).all()
     quant.use_reference(layer)
-    assert ((layer(x).double() - expected).abs() <= bound).all()
+    assert ((layer(x).double() - (x.double() @ layer.dequantized().double().T)).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("make", [lambda: Int8Linear(200, 72), lambda: Int4Linear(200, 80, group_size=64)],
@@ -197,11 +212,13 @@ def test_fused_decode_blocks_are_the_dense_model_with_dequantized_weights(tmp_pa
             model.setup_cache(3, 32)
             model(prompt, torch.arange(12))
             logits[name] = [model(token, positions + i, span=12 + i) for i, token in enumerate(steps)]
+    # int4's products take x rounded to 16 bits per block of 32 (~1e-5 each; 2e-4 here after two random blocks)
+    bound = 1e-5 if mode == "int8" else 1e-3
     for fused, plain in zip(logits["fused"], logits["dense"]):
-        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+        assert relative_error(fused, plain) < bound
     for fused, plain in zip(quantized.model.layers, dense.model.layers):
-        torch.testing.assert_close(fused.attention.cache.k, plain.attention.cache.k, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(fused.attention.cache.v, plain.attention.cache.v, rtol=1e-4, atol=1e-5)
+        for name in ("k", "v"):
+            assert relative_error(getattr(fused.attention.cache, name), getattr(plain.attention.cache, name)) < bound
 
 
 def test_blocks_with_hooks_are_not_fused(tiny):

@@ -7,30 +7,34 @@
 //       y[m, n] = scale[n] * sum_k x[m, k] q[n, k]
 //   llamaref_cpu::int4_linear(x [M, Kp], qweight uint8 [N, Kp/2], scales [N, Kp/G], mins [N, Kp/G], G) -> y [M, N]
 //       y[m, n] = sum_g (scales[n, g] * sum_{k in g} x[m, k] q[n, k] + mins[n, g] * sum_{k in g} x[m, k])
-//       q[n, 2j] = qweight[n, j] & 15 and q[n, 2j + 1] = qweight[n, j] >> 4
+//       q[n, 2j] = qweight[n, j] & 15 and q[n, 2j + 1] = qweight[n, j] >> 4   (x rounded to 16 bits in the first sum)
+//   llamaref_cpu::decode_layer(...)   a whole block of a decode step, at the end of the file
 //
-// Everything is float32 (x, the scales, the sums). A decode step reads every weight once, so these loops are
-// judged by the bytes they stream: at one row a product is a few multiply-adds a byte, and a CPU core converts
-// and multiplies faster than its share of the memory bandwidth delivers bytes, but only if the bytes arrive
-// early. The hardware prefetcher stops at page boundaries and ramps up slowly on each new matrix, so each block
-// of rows asks for the bytes PREFETCH ahead of it in the same stream (on the 2-core EPYC of docs/benchmarks.md
-// this alone took a sweep over SmolLM2's int8 matrices from 15-17 to 27-32 GB/s).
+// int8 is float32 throughout (x, the scales, the sums). A decode step reads every weight once, so these loops are
+// judged by the bytes they stream: at one row a product is a few operations a byte, and a CPU core converts and
+// multiplies faster than its share of the memory bandwidth delivers bytes, but only if the bytes arrive early.
+// The hardware prefetcher stops at page boundaries and ramps up slowly on each new matrix, so each block of rows
+// asks for the bytes PREFETCH ahead of it in the same stream (on the 2-core EPYC of docs/benchmarks.md this alone
+// took a sweep over SmolLM2's int8 matrices from 15-17 to 27-32 GB/s).
 //
 // Work is split over torch's own threads (at::parallel_for: torch.set_num_threads applies) by blocks of ROWS
 // consecutive weight rows, which lie one after the other in memory, so each thread reads one contiguous range.
 // Within a block, each of the M rows of x is multiplied by the block's weights in turn: the weights are read
 // from memory once and from the L1 cache after that.
 //
-// int4 needs no unpacked copy: the low nibbles of W bytes are the even features 2j and the high nibbles the odd
-// ones 2j + 1, so x is split once per call into its even and odd features (xe, xo), and a group's products are
-// sum_j xe[j] w(b[j] & 15) + xo[j] w(b[j] >> 4) over the group's G / 2 bytes b, where w(q) = q s + mn comes,
-// with AVX-512, from a table of the group's 16 weights made once per group and row (a vector permute looks up
-// 16 at a time: 7-22% faster than converting q and scaling each group's sums); AVX2's 8 lanes cannot look up 16
-// entries, so there q is converted, each group's sums are scaled once, and mn times the group's sum of x added.
+// int4 multiplies in integers: x is rounded to 16 bits per block of 32 features (d = max |x| / 32767, a relative
+// error of ~1e-5 against int4's own ~1e-1: the decode-step perplexity of SmolLM2 did not move, docs/benchmarks.md),
+// and the nibbles, zero-extended to 16 bits, meet it in pairwise 16-bit products summed exactly in int32
+// (vpdpwssd with AVX-512 VNNI, vpmaddwd otherwise); each block's sum is then scaled by its d and its group's scale,
+// and mins . (x summed over each group) added. The packed bytes need no reordering: x is laid out once per call in
+// the order the unpacked nibbles come in (IntX). Per 64 weights that is ~12 integer operations of 256 bits,
+// against ~18 for converting the nibbles to float32 and multiplying there (the loop this replaced: 13-15% slower
+// over SmolLM2's matrices, 5-9% slower decoding); rounding x to 8 bits (vpdpbusd, as llama.cpp's Q4_1 x Q8_1) was faster again, but cost 1.3% of
+// decode-step perplexity, and the same 16-bit scheme for int8 weights was slower than int8's float loop.
 //
-// The loops are written once over a small vector vocabulary (VF: W floats; load, convert, fused multiply-add,
-// sum; an int4 group's dequantizer), defined for AVX-512 and for AVX2 + FMA; the compiler's -march=native picks
-// the first the CPU has.
+// The float loops are written once over a small vector vocabulary (VF: W floats; load, convert, fused
+// multiply-add, sum, e^x), defined for AVX-512 and for AVX2 + FMA; the compiler's -march=native picks the first the
+// CPU has. The integer loops use 256-bit AVX2 instructions (and vpdpwssd where the CPU has it).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -67,19 +71,6 @@ inline VF div(VF a, VF b) { return _mm512_div_ps(a, b); }
 inline void store(float* p, VF v) { _mm512_storeu_ps(p, v); }
 inline VF round_nearest(VF v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline VF times_two_to(VF p, VF n) { return _mm512_scalef_ps(p, n); }  // p 2^n
-// One int4 group's 16 possible weights q s + mn, q = 0..15, as a table; a vector permute looks W of them up at
-// once by the low 4 bits of each lane, so no mask and no int-to-float conversion is needed.
-constexpr bool LOOKUP = true;
-using Dequantizer = __m512;
-inline Dequantizer dequantizer(float s, float mn) {
-  const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return _mm512_fmadd_ps(q, _mm512_set1_ps(s), _mm512_set1_ps(mn));
-}
-inline void from_u4(const uint8_t* p, Dequantizer table, VF& low, VF& high) {  // W bytes -> 2W weights
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  low = _mm512_permutexvar_ps(b, table);  // (the byte's low nibble)
-  high = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
-}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int W = 8;
 using VF = __m256;
@@ -105,16 +96,6 @@ inline VF round_nearest(VF v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_
 inline VF times_two_to(VF p, VF n) {  // p 2^n, n in [-126, 127] (vexp clamps its argument so)
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-// 8 lanes cannot look up 16 entries: the nibbles q are converted as they are, and int4_block scales each group's
-// sums once and adds mn times the group's sum of x (LOOKUP false)
-constexpr bool LOOKUP = false;
-using Dequantizer = int;
-inline Dequantizer dequantizer(float, float) { return 0; }
-inline void from_u4(const uint8_t* p, Dequantizer, VF& low, VF& high) {
-  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  low = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-  high = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 #else
 #error "llamaref's CPU kernels need AVX2 and FMA (or AVX-512); cpu_kernels.py falls back to PyTorch without them"
@@ -147,6 +128,15 @@ inline VF in_register(VF v) {
 }
 
 constexpr int64_t ROWS = 4;         // weight rows a block
+inline float dot(const float* a, const float* b, int64_t n) {
+  VF acc = zero();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc = fma(load(a + i), load(b + i), acc);
+  float total = sum(acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 4096
 #endif
@@ -211,6 +201,21 @@ void int8_product(const float* xp, int64_t M, int64_t K, const int8_t* qp, const
   for (int64_t n = blocks * ROWS; n < N; ++n) int8_block<1>(xp, M, K, qp + n * K, sp + n, yp + n, N);
 }
 
+// acc (int32) += w . x for 16 pairs of 16-bit integers (two products a lane)
+inline __m256i pair_products(__m256i acc, __m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, w, x);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+#endif
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
   check(x, q, x.size(1), "int8_linear");
   TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == q.size(0),
@@ -221,42 +226,99 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
-// y[m, n .. n + R) for a block of R int4 weight rows starting at r (KB = Kp / 2 bytes a row); xs: x summed over
-// each group, for the minimums where from_u4 gives q itself (LOOKUP false)
-template <int R>
-inline void int4_block(const float* xe, const float* xo, const float* xs, int64_t M, int64_t KB, int64_t G,
-                       const uint8_t* r, const float* scales, const float* mins, float* y, int64_t N) {
-  const int64_t groups = 2 * KB / G, GB = G / 2;  // (G / 2 bytes a group, a multiple of W)
+// x in 16-bit integers, per block of 32 features: xq = round(x / d), d = max |x| / 32767 (a relative error of
+// ~1e-5), laid out in the order int4_x16_block multiplies the weights' nibbles in: for the 32
+// weight bytes j .. j + 31 of a chunk of 64 features, four runs of 16 (two per 128-bit half, bytes j .. j + 15 in
+// the lower half, j + 16 .. j + 31 in the upper):  x[2j'] for the bytes of _mm256_unpacklo_epi8, then of unpackhi,
+// then x[2j' + 1] for the same two. A last half chunk (16 bytes) is laid out the same in 128 bits.
+struct IntX {
+  std::vector<int16_t> q;          // [M, Kp]
+  std::vector<float> scale, sums;  // [M, Kp / 32] (d of each block), [M, Kp / G] (x summed over each group)
+};
+
+IntX quantize_x16(const float* xp, int64_t M, int64_t Kp, int64_t G) {
+  const int64_t blocks = Kp / 32, groups = Kp / G;
+  IntX out{std::vector<int16_t>(M * Kp), std::vector<float>(M * blocks), std::vector<float>(M * groups, 0.0f)};
   for (int64_t m = 0; m < M; ++m) {
-    const float *xem = xe + m * KB, *xom = xo + m * KB, *xsm = xs + m * groups;
-    VF acc[R], even[R], odd[R];  // (two sums a row, so that the multiply-adds do not wait for each other)
-    float offset[R] = {};
-    for (int i = 0; i < R; ++i) acc[i] = even[i] = odd[i] = zero();
-    for (int64_t g = 0; g < groups; ++g) {
-      Dequantizer group[R];
+    const float* x = xp + m * Kp;
+    float inverse[2] = {};
+    for (int64_t b = 0; b < blocks; ++b) {
+      float most = 0.0f, total = 0.0f;
+      for (int i = 0; i < 32; ++i) most = std::max(most, std::fabs(x[32 * b + i])), total += x[32 * b + i];
+      out.scale[m * blocks + b] = most / 32767.0f;
+      out.sums[m * groups + 32 * b / G] += total;
+    }
+    for (int64_t c = 0; c < Kp / 64 + (Kp % 64 != 0); ++c) {  // chunks of 64 features (the last may be 32)
+      const bool half = 64 * c + 64 > Kp;
+      const int lanes = half ? 1 : 2;  // 128-bit halves in this chunk, one block of x each
+      for (int h = 0; h < lanes; ++h) {
+        const float most = out.scale[m * blocks + 2 * c + h] * 32767.0f;
+        inverse[h] = most > 0 ? 32767.0f / most : 0.0f;
+      }
+      int16_t* q = out.q.data() + m * Kp + 64 * c;
+      const int run = 8 * lanes;  // words per run: 8 per 128-bit half
+      for (int parity = 0; parity < 2; ++parity)      // even features (low nibbles), then odd (high)
+        for (int part = 0; part < 2; ++part)          // the bytes of unpacklo, then of unpackhi
+          for (int h = 0; h < lanes; ++h)             // 128-bit half: bytes 16 h .. 16 h + 15 of the chunk
+            for (int k = 0; k < 8; ++k) {
+              const int64_t byte = 32 * c + 16 * h + 8 * part + k;  // (a byte index within the row)
+              q[(2 * parity + part) * run + 8 * h + k] =
+                  static_cast<int16_t>(std::nearbyint(x[2 * byte + parity] * inverse[h]));
+            }
+    }
+  }
+  return out;
+}
+
+// acc (int32) += the products of 32 weight bytes (64 nibbles) with their x, in IntX's order
+inline __m256i nibble_products(__m256i acc, __m256i w, const int16_t* x) {
+  const __m256i zero = _mm256_setzero_si256(), low4 = _mm256_set1_epi16(15);
+  const __m256i lo = _mm256_unpacklo_epi8(w, zero), hi = _mm256_unpackhi_epi8(w, zero);  // bytes as 16-bit words
+  const __m256i* xv = reinterpret_cast<const __m256i*>(x);
+  acc = pair_products(acc, _mm256_and_si256(lo, low4), _mm256_loadu_si256(xv));
+  acc = pair_products(acc, _mm256_and_si256(hi, low4), _mm256_loadu_si256(xv + 1));
+  acc = pair_products(acc, _mm256_srli_epi16(lo, 4), _mm256_loadu_si256(xv + 2));
+  return pair_products(acc, _mm256_srli_epi16(hi, 4), _mm256_loadu_si256(xv + 3));
+}
+
+// y[m, n .. n + R) for a block of R int4 weight rows starting at r: per chunk of 64 features, the integer products
+// (exact in int32), times the chunk's two blocks' x scales and the rows' group scales; plus mins . (x summed per group)
+template <int R>
+inline void int4_x16_block(const IntX& x, int64_t M, int64_t KB, int64_t G, const uint8_t* r, const float* scales,
+                           const float* mins, float* y, int64_t N) {
+  const int64_t Kp = 2 * KB, groups = Kp / G, blocks = Kp / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    const int16_t* xq = x.q.data() + m * Kp;
+    const float* d = x.scale.data() + m * blocks;
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= KB; j += 32) {  // bytes j .. j + 31: features 2j .. 2j + 63, blocks 2j / 32 and the next
+      const __m256 dv = _mm256_set_m128(_mm_set1_ps(d[j / 16 + 1]), _mm_set1_ps(d[j / 16]));
+      const int64_t g0 = 2 * j / G, g1 = (2 * j + 32) / G;
       for (int i = 0; i < R; ++i) {
-        if constexpr (!LOOKUP) even[i] = odd[i] = zero();  // (the group's own sums, scaled below)
-        group[i] = dequantizer(scales[i * groups + g], mins[i * groups + g]);
-      }
-      for (int64_t j = g * GB; j < (g + 1) * GB; j += W) {
-        const VF xv = in_register(load(xem + j)), xw = in_register(load(xom + j));
-        for (int i = 0; i < R; ++i) {
-          VF low, high;
-          from_u4(r + i * KB + j, group[i], low, high);
-          even[i] = fma(xv, low, even[i]);
-          odd[i] = fma(xw, high, odd[i]);
-        }
-      }
-      if constexpr (!LOOKUP) {
-        for (int i = 0; i < R; ++i) {  // s sum_k x_k q_k + mn sum_k x_k
-          acc[i] = fma(add(even[i], odd[i]), broadcast(scales[i * groups + g]), acc[i]);
-          offset[i] += mins[i * groups + g] * xsm[g];
-        }
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + i * KB + j));
+        const __m256i s = nibble_products(_mm256_setzero_si256(), w, xq + 2 * j);
+        const __m256 sv = _mm256_set_m128(_mm_set1_ps(scales[i * groups + g1]), _mm_set1_ps(scales[i * groups + g0]));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sv, dv), acc[i]);
       }
     }
     for (int i = 0; i < R; ++i) {
-      if constexpr (LOOKUP) acc[i] = add(even[i], odd[i]);  // (the weights were looked up whole: no scaling)
-      y[m * N + i] = sum(acc[i]) + offset[i];
+      float total = hsum(acc[i]) + dot(mins + i * groups, x.sums.data() + m * groups, groups);
+      if (j < KB) {  // a last 16 bytes (32 features, one block): the same in 128 bits
+        const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + i * KB + j));
+        const __m128i zero = _mm_setzero_si128(), low4 = _mm_set1_epi16(15);
+        const __m128i lo = _mm_unpacklo_epi8(w, zero), hi = _mm_unpackhi_epi8(w, zero);
+        const __m128i* xv = reinterpret_cast<const __m128i*>(xq + 2 * j);
+        __m128i s = _mm_madd_epi16(_mm_and_si128(lo, low4), _mm_loadu_si128(xv));
+        s = _mm_add_epi32(s, _mm_madd_epi16(_mm_and_si128(hi, low4), _mm_loadu_si128(xv + 1)));
+        s = _mm_add_epi32(s, _mm_madd_epi16(_mm_srli_epi16(lo, 4), _mm_loadu_si128(xv + 2)));
+        s = _mm_add_epi32(s, _mm_madd_epi16(_mm_srli_epi16(hi, 4), _mm_loadu_si128(xv + 3)));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+        total += _mm_cvtsi128_si32(s) * d[j / 16] * scales[i * groups + 2 * j / G];
+      }
+      y[m * N + i] = total;
     }
   }
 }
@@ -264,34 +326,23 @@ inline void int4_block(const float* xe, const float* xo, const float* xs, int64_
 // y [M, N] from x [M, Kp] and an int4 weight [N, Kp / 2] with groups of G, from raw pointers
 void int4_product(const float* xp, int64_t M, int64_t Kp, const uint8_t* qp, const float* sp, const float* mp,
                   int64_t G, int64_t N, float* yp) {
-  const int64_t KB = Kp / 2, groups = Kp / G;
-  std::vector<float> xe(M * KB), xo(M * KB), xs(M * groups, 0.0f);
-  for (int64_t i = 0; i < M * KB; ++i) {
-    xe[i] = xp[2 * i];
-    xo[i] = xp[2 * i + 1];
-    xs[i / (G / 2)] += xp[2 * i] + xp[2 * i + 1];  // (the G / 2 pairs of a group are consecutive)
-  }
-  const int64_t blocks = N / ROWS, ahead = PREFETCH / KB;  // (the rows PREFETCH bytes of weights ahead)
+  const int64_t KB = Kp / 2, groups = Kp / G, blocks = N / ROWS;
+  const IntX q = quantize_x16(xp, M, Kp, G);
   at::parallel_for(0, blocks, GRAIN, [&](int64_t begin, int64_t stop) {
     for (int64_t b = begin; b < stop; ++b) {
       const int64_t n = b * ROWS;
       prefetch(qp + n * KB + PREFETCH, ROWS * KB, qp + N * KB);
-      prefetch(sp + (n + ahead) * groups, ROWS * groups * 4, sp + N * groups);
-      prefetch(mp + (n + ahead) * groups, ROWS * groups * 4, mp + N * groups);
-      int4_block<ROWS>(xe.data(), xo.data(), xs.data(), M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups,
-                       yp + n, N);
+      int4_x16_block<ROWS>(q, M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups, yp + n, N);
     }
   });
   for (int64_t n = blocks * ROWS; n < N; ++n)
-    int4_block<1>(xe.data(), xo.data(), xs.data(), M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups, yp + n,
-                  N);
+    int4_x16_block<1>(q, M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups, yp + n, N);
 }
 
 void check_int4(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t G,
                 const char* name) {
   const int64_t N = qweight.size(0), Kp = 2 * qweight.size(1);
-  TORCH_CHECK(G % (2 * W) == 0 && Kp % G == 0, name, ": group size ", G, " must divide ", Kp,
-              " and be a multiple of ", 2 * W);
+  TORCH_CHECK(G % 32 == 0 && Kp % G == 0, name, ": group size ", G, " must divide ", Kp, " and be a multiple of 32");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
               mins.scalar_type() == at::kFloat && scales.is_contiguous() && mins.is_contiguous() &&
               scales.numel() == N * (Kp / G) && mins.numel() == N * (Kp / G),
@@ -373,15 +424,6 @@ struct Product {
     }
   }
 };
-
-float dot(const float* a, const float* b, int64_t n) {
-  VF acc = zero();
-  int64_t i = 0;
-  for (; i + W <= n; i += W) acc = fma(load(a + i), load(b + i), acc);
-  float total = sum(acc);
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
 
 // p[t] = e^(p[t] - most) for t < L; -> their sum
 float exps(float* p, int64_t L, float most) {
