@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama import generate
+from llama import generate, quant
 from llama.arguments import DEVICE_TYPES, ArgumentError, check, check_device_name, check_stop, spelled
 from llama.config import ConfigError, ModelConfig, read_json
 from llama.generate import GenerationResult, SamplingParams, decode_step, prefill_step, verify_step
@@ -376,6 +376,8 @@ class Llama:
             compile_layers(model)
             if model.embed_tokens.weight.is_cuda:
                 model.use_triton_kernels()
+        if not model.embed_tokens.weight.is_cuda:
+            quant.fuse_cpu_decode(model)
         self.config: ModelConfig = config or model.config  # the whole model's shape
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size

@@ -304,6 +304,49 @@ def pack(model: nn.Module) -> None:
         layer.pack()
 
 
+def fuse_cpu_decode(model: nn.Module) -> bool:
+    """On a CPU, run each block of a float32 decode step (one token a row, up to cpu_kernels.MAX_ROWS rows) as one
+    C++ call, cpu_kernels' decode_layer: the norms, the four quantized products, RoPE, the cache write and the
+    attention. The compiled layers spent ~4 ms a step around their products (guards, wrapper code, dispatch) where
+    llama.cpp's whole step takes ~7 ms (docs/benchmarks.md, CPU). Every other call (a prefill, a verify step,
+    `use_reference`, the reference attention) takes the block's own forward. Applies when every block's products
+    are quantized layers that take the C++ kernels and have no hooks (tensor parallelism adds its all-reduce as
+    one); returns whether it did."""
+    layers = [(block.attention.qkv_proj, block.attention.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj)
+              for block in model.layers]
+    for products in layers:
+        for p in products:
+            if isinstance(p, QuantizedLinear) and not p.packed and p.qweight.device.type == "cpu":
+                p.pack()
+    if not all(isinstance(p, QuantizedLinear) and p.native and p.qweight.device.type == "cpu" and not p._forward_hooks
+               and p.scales.dtype == torch.float32 for products in layers for p in products):
+        return False
+    for block, products in zip(model.layers, layers):
+        if not hasattr(block.forward, "unfused"):
+            block.forward = _fused_decode(block, products, block.forward)
+    return True
+
+
+def _fused_decode(block: nn.Module, products: tuple[QuantizedLinear, ...], forward):
+    attention = block.attention
+    weights = [[p.qweight, p.scales, *([p.mins] if isinstance(p, Int4Linear) else [])] for p in products]
+    biases = [p.bias for p in products]
+    norms = block.attention_norm.weight, block.mlp_norm.weight
+
+    def decode(x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None, *args) -> Tensor:
+        B, T, _ = x.shape
+        if (T > 1 or mask is None or any(args) or B > cpu_kernels.MAX_ROWS or x.dtype != torch.float32
+                or attention.implementation != "sdpa" or not products[0].kernel):
+            return forward(x, cos, sin, input_pos, mask, *args)
+        cache = attention.cache
+        return torch.ops.llamaref_cpu.decode_layer(x.contiguous(), *norms, block.attention_norm.eps, *weights, biases,
+                                                   cos.contiguous(), sin.contiguous(), input_pos, cache.k, cache.v,
+                                                   attention.n_heads)
+
+    decode.unfused = forward  # (scripts/cpu_decode.py times both)
+    return decode
+
+
 def held_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer of the model: what it holds on its device."""
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

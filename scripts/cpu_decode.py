@@ -5,7 +5,7 @@
     python scripts/cpu_decode.py --quantize int4 --group-size 32 --compile
 
     python scripts/cpu_decode.py --profile [--compile]   # where a decode step's time goes (torch.profiler)
-    python scripts/cpu_decode.py --side-by-side          # eager, compile=True, the whole step as one graph
+    python scripts/cpu_decode.py --side-by-side N        # eager, compile=True, (un)fused blocks, one graph
     python scripts/cpu_decode.py --kernels               # the one-row products alone, over SmolLM2's matrices
 
 Prints prefill and decode tok/s of 128 new tokens (after a 32-token warm-up, which also compiles); compare with
@@ -15,6 +15,7 @@ Prints prefill and decode tok/s of 128 new tokens (after a 32-token warm-up, whi
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=5, help="timed generations after the warm-up")
     parser.add_argument("--profile", action="store_true", help="profile 20 decode steps instead")
     parser.add_argument("--side-by-side", type=int, metavar="REPEATS",
                         help="time eager, compile=True and the whole step compiled as one graph, alternating")
@@ -57,21 +59,34 @@ def main() -> None:
     if args.profile:
         profile_decode(llm, steps=20)
         return
-    for _ in range(2):
+    name = f"{args.quantize or 'float32'}{f' g{args.group_size}' if args.group_size else ''}" \
+           f"{' compiled' if args.compile else ''}"
+    rates = []
+    for _ in range(args.runs):
         llm.generate(prompt, max_new_tokens=args.new_tokens)
-        print(f"{args.quantize or 'float32'}{' compiled' if args.compile else ''}: {llm.stats.summary()}")
+        print(f"{name}: {llm.stats.summary()}")
+        rates.append(llm.stats.decoded_tokens / llm.stats.decode_seconds)
+    print(f"{name}: decode {statistics.mean(rates):.1f} +- {statistics.pstdev(rates):.1f} tok/s (mean of {args.runs} "
+          f"runs, as llama-bench reports; best {max(rates):.1f})")
 
 
 def side_by_side(quantize: str | None, group_size: int | None, repeats: int, steps: int = 30) -> None:
-    """Decode ms per token of three decode steps, each on its own copy of the model, run in turn `repeats` times
-    (a slow spell of a shared machine then slows all three; the best run of each counts): eager, `compile=True`
-    (the layers and output projection compiled for one token), and `decode_step` compiled as one graph (one
-    guard check a step instead of 31, but ~37 s of compilation on an empty Inductor cache)."""
+    """Decode ms per token of several decode steps, each on its own copy of the model, run in turn `repeats` times
+    (a slow spell of a shared machine then slows all; the best run of each counts): eager and `compile=True` (the
+    layers and output projection compiled for one token), each with a quantized model's blocks as one C++ call
+    (quant.fuse_cpu_decode, as loaded) and without, and `decode_step` compiled as one graph (one guard check a step
+    instead of 31, but ~37 s of compilation on an empty Inductor cache)."""
+    variants = {"eager": (False, True), "compile=True": (True, True), "one graph": (False, False)}
+    if quantize:
+        variants = {"eager, blocks unfused": (False, False), "compile=True, blocks unfused": (True, False),
+                    **variants}
     steps_of = {}
-    for name in ("eager", "compile=True", "one graph"):
+    for name, (compile, fused) in variants.items():
         start = time.perf_counter()
         llm = Llama.from_pretrained(ensure_demo_model(), device="cpu", progress=False, quantize=quantize,
-                                    group_size=group_size, compile=name == "compile=True", max_seq_len=512)
+                                    group_size=group_size, compile=compile, max_seq_len=512)
+        for block in llm.model.layers if not fused else ():
+            block.forward = getattr(block.forward, "unfused", block.forward)
         step = torch.compile(decode_step, fullgraph=True) if name == "one graph" else llm._decode_step
         llm._ensure_cache(1, 40 + steps)
         with torch.inference_mode():

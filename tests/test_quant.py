@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import official_config, shrink, write_hf_checkpoint
+from conftest import official_config, relative_error, shrink, write_hf_checkpoint
 
 import llama
 from llama import cpu_kernels, quant
 from llama.cli import main
 from llama.perplexity import windows
-from llama.quant import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from llama.quant import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,
+                         unpack_int4)
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")  # real English prose, in Debian's base-files everywhere
 
@@ -89,15 +90,29 @@ def _magnitudes(layer) -> torch.Tensor:
 def test_quantized_layer_equals_the_dequantized_weights_matmul(make, rows):
     """Against the dequantized weight's matmul in float64, within float32's rounding bound for sums of 200 terms
     (K u times the sum of the terms' sizes, u = 2^-24): on a CPU, 1 to 17 rows take the C++ kernels of
-    cpu_kernels.py (70 rows: a last block of 2, 200 features: a tail past the vectors), 18 rows a dense matmul."""
+    cpu_kernels.py (70 rows: a last block of 2, 200 features: a tail past the vectors), 18 rows a dense matmul.
+    The int4 kernel multiplies x rounded to 16 bits per block of 32 features by the nibbles q in integers (the
+    mins meet x itself): its reference is that formula, spelled out here, and x itself is within ~1e-5 of it."""
     torch.manual_seed(rows)
     layer = _filled(make(), torch.randn(70, 200))
-    x = torch.randn(2, rows, 200)
+    x = torch.randn(2, rows, 200) * torch.rand(200) * 4  # (features of different sizes)
     expected = x.double() @ layer.dequantized().double().T
     bound = 200 * 2.0**-24 * (x.abs().double() @ _magnitudes(layer).double().T)
-    assert ((layer(x).double() - expected).abs() <= bound).all()
+    got = layer(x).double()
+    if isinstance(layer, Int4Linear) and rows <= cpu_kernels.MAX_ROWS:
+        G, Kp = layer.group_size, layer.padded_in_features
+        x_padded = torch.nn.functional.pad(x, (0, Kp - 200))
+        blocks = x_padded.view(2, rows, -1, 32)
+        most = blocks.abs().amax(-1, keepdim=True)  # float32, as the kernel: d = most / 32767, q = round(x 32767 / most)
+        x16 = torch.round(blocks * torch.where(most > 0, 32767 / most, 0)) * (most / 32767)
+        q = unpack_int4(layer.qweight).double().view(70, -1, G) * layer.scales.double()[..., None]  # [N, Kp/G, G]
+        from_q = (x16.double().view(2, rows, 1, -1, G) * q).sum((-1, -2))
+        from_mins = (x_padded.double().view(2, rows, 1, -1, G).sum(-1) * layer.mins.double()).sum(-1)
+        assert ((got - expected).abs() / expected.abs().max() < 1e-4).all()
+        expected = from_q + from_mins
+    assert ((got - expected).abs() <= bound).all()
     quant.use_reference(layer)
-    assert ((layer(x).double() - expected).abs() <= bound).all()
+    assert ((layer(x).double() - (x.double() @ layer.dequantized().double().T)).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("make", [lambda: Int8Linear(200, 72), lambda: Int4Linear(200, 80, group_size=64)],
@@ -149,6 +164,19 @@ def tiny(tmp_path_factory):
 TOKENS = [[5, 9, 33, 7, 1, 2, 3, 4, 200, 201, 17, 19], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
 
 
+def _give_dequantized_weights(dense: torch.nn.Module, quantized: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, layer in quant.quantized_layers(quantized).items():
+            module = dense.get_submodule(name)
+            if name == "lm_head" and dense.lm_head.weight is dense.embed_tokens.weight:
+                # tied: a copy of the embedding table, which itself stays dense
+                torch.testing.assert_close(layer.dequantized(), dense.embed_tokens.weight, rtol=0,
+                                           atol=layer.scales.max().item() / 2)
+                module.weight = torch.nn.Parameter(layer.dequantized())
+            else:
+                module.weight.copy_(layer.dequantized())
+
+
 @pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32), ("int4", 64)])
 def test_a_quantized_model_is_the_dense_model_with_dequantized_weights(tiny, mode, group):
     dense = llama.Llama.from_pretrained(tiny, device="cpu", progress=False)
@@ -157,18 +185,51 @@ def test_a_quantized_model_is_the_dense_model_with_dequantized_weights(tiny, mod
     assert set(layers) == {f"layers.{i}.{m}" for i in range(2) for m in (
         "attention.qkv_proj", "attention.o_proj", "mlp.gate_up_proj", "mlp.down_proj")} | {"lm_head"}
     assert isinstance(layers["lm_head"], Int8Linear)  # the output projection is int8 in both modes
-    with torch.no_grad():  # put the dequantized weights into the dense model: it must then compute the same
-        for name, layer in layers.items():
-            module = dense.model.get_submodule(name)
-            if name == "lm_head":  # tied: a copy of the embedding table, which itself stays dense
-                torch.testing.assert_close(layer.dequantized(), dense.model.embed_tokens.weight, rtol=0,
-                                           atol=layer.scales.max().item() / 2)
-                module.weight = torch.nn.Parameter(layer.dequantized())
-            else:
-                module.weight.copy_(layer.dequantized())
+    _give_dequantized_weights(dense.model, quantized.model)  # the dense model must then compute the same
     torch.testing.assert_close(quantized.logits(TOKENS), dense.logits(TOKENS), rtol=1e-4, atol=1e-4)
     assert [r.token_ids for r in quantized.generate(TOKENS, max_new_tokens=8)] == \
         [r.token_ids for r in dense.generate(TOKENS, max_new_tokens=8)]
+
+
+@pytest.mark.parametrize("mode,group,bias", [("int8", None, True), ("int4", 32, False), ("int4", 64, True)])
+def test_fused_decode_blocks_are_the_dense_model_with_dequantized_weights(tmp_path, mode, group, bias):
+    """On a CPU each block of a quantized decode step is one C++ call (quant.fuse_cpu_decode: norms, products,
+    RoPE, cache write, attention). Against the dense model given the dequantized weights (itself checked against
+    transformers): GQA (4 query heads a kv head), Llama 3.1's RoPE, biases, int4 groups that pad the features (200
+    -> 224 or 256), three rows each at its own position, two steps: the logits and every cache entry written."""
+    write_hf_checkpoint(tmp_path, shrink(official_config("llama-3.1-8b"), intermediate_size=200,
+                                         attention_bias=bias, mlp_bias=bias))
+    quantized = llama.Llama.from_pretrained(tmp_path, device="cpu", progress=False, quantize=mode, group_size=group)
+    assert all(hasattr(block.forward, "unfused") for block in quantized.model.layers)
+    dense = llama.Llama.from_pretrained(tmp_path, device="cpu", progress=False)
+    _give_dequantized_weights(dense.model, quantized.model)
+    torch.manual_seed(0)
+    prompt, steps = torch.randint(0, 320, (3, 12)), torch.randint(0, 320, (2, 3, 1))
+    positions = torch.tensor([[11], [6], [9]])  # (each row goes on from there, over what the prefill wrote)
+    logits = {}
+    with torch.inference_mode():
+        for name, model in (("fused", quantized.model), ("dense", dense.model)):
+            model.setup_cache(3, 32)
+            model(prompt, torch.arange(12))
+            logits[name] = [model(token, positions + i, span=12 + i) for i, token in enumerate(steps)]
+    # int4's products take x rounded to 16 bits per block of 32 (~1e-5 each; 2e-4 here after two random blocks)
+    bound = 1e-5 if mode == "int8" else 1e-3
+    for fused, plain in zip(logits["fused"], logits["dense"]):
+        assert relative_error(fused, plain) < bound
+    for fused, plain in zip(quantized.model.layers, dense.model.layers):
+        for name in ("k", "v"):
+            assert relative_error(getattr(fused.attention.cache, name), getattr(plain.attention.cache, name)) < bound
+
+
+def test_blocks_with_hooks_are_not_fused(tiny):
+    """Tensor parallelism adds its all-reduce as a forward hook on o_proj and down_proj: a fused block would skip
+    it, so a model with any hook on a product keeps the blocks' own forward."""
+    model = llama.Llama.from_pretrained(tiny, device="cpu", progress=False, quantize="int8").model
+    for block in model.layers:
+        block.forward = block.forward.unfused
+    model.layers[1].mlp.down_proj.register_forward_hook(lambda module, inputs, output: output)
+    assert not quant.fuse_cpu_decode(model)
+    assert not any(hasattr(block.forward, "unfused") for block in model.layers)
 
 
 @pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32)])

@@ -7,39 +7,46 @@
 //       y[m, n] = scale[n] * sum_k x[m, k] q[n, k]
 //   llamaref_cpu::int4_linear(x [M, Kp], qweight uint8 [N, Kp/2], scales [N, Kp/G], mins [N, Kp/G], G) -> y [M, N]
 //       y[m, n] = sum_g (scales[n, g] * sum_{k in g} x[m, k] q[n, k] + mins[n, g] * sum_{k in g} x[m, k])
-//       q[n, 2j] = qweight[n, j] & 15 and q[n, 2j + 1] = qweight[n, j] >> 4
+//       q[n, 2j] = qweight[n, j] & 15 and q[n, 2j + 1] = qweight[n, j] >> 4   (x rounded to 16 bits in the first sum)
+//   llamaref_cpu::decode_layer(...)   a whole block of a decode step, at the end of the file
 //
-// Everything is float32 (x, the scales, the sums). A decode step reads every weight once, so these loops are
-// judged by the bytes they stream: at one row a product is a few multiply-adds a byte, and a CPU core converts
-// and multiplies faster than its share of the memory bandwidth delivers bytes, but only if the bytes arrive
-// early. The hardware prefetcher stops at page boundaries and ramps up slowly on each new matrix, so each block
-// of rows asks for the bytes PREFETCH ahead of it in the same stream (on the 2-core EPYC of docs/benchmarks.md
-// this alone took a sweep over SmolLM2's int8 matrices from 15-17 to 27-32 GB/s).
+// int8 is float32 throughout (x, the scales, the sums). A decode step reads every weight once, so these loops are
+// judged by the bytes they stream: at one row a product is a few operations a byte, and a CPU core converts and
+// multiplies faster than its share of the memory bandwidth delivers bytes, but only if the bytes arrive early.
+// The hardware prefetcher stops at page boundaries and ramps up slowly on each new matrix, so each block of rows
+// asks for the bytes PREFETCH ahead of it in the same stream (on the 2-core EPYC of docs/benchmarks.md this alone
+// took a sweep over SmolLM2's int8 matrices from 15-17 to 27-32 GB/s).
 //
 // Work is split over torch's own threads (at::parallel_for: torch.set_num_threads applies) by blocks of ROWS
 // consecutive weight rows, which lie one after the other in memory, so each thread reads one contiguous range.
 // Within a block, each of the M rows of x is multiplied by the block's weights in turn: the weights are read
 // from memory once and from the L1 cache after that.
 //
-// int4 needs no unpacked copy: the low nibbles of W bytes are the even features 2j and the high nibbles the odd
-// ones 2j + 1, so x is split once per call into its even and odd features (xe, xo), and a group's products are
-// sum_j xe[j] w(b[j] & 15) + xo[j] w(b[j] >> 4) over the group's G / 2 bytes b, where w(q) = q s + mn comes,
-// with AVX-512, from a table of the group's 16 weights made once per group and row (a vector permute looks up
-// 16 at a time: 7-22% faster than converting q and scaling each group's sums); AVX2's 8 lanes cannot look up 16
-// entries, so there q is converted, each group's sums are scaled once, and mn times the group's sum of x added.
+// int4 multiplies in integers: x is rounded to 16 bits per block of 32 features (d = max |x| / 32767, a relative
+// error of ~1e-5 against int4's own ~1e-1: the decode-step perplexity of SmolLM2 did not move, docs/benchmarks.md),
+// and the nibbles, zero-extended to 16 bits, meet it in pairwise 16-bit products summed exactly in int32
+// (vpdpwssd with AVX-512 VNNI, vpmaddwd otherwise); each block's sum is then scaled by its d and its group's scale,
+// and mins . (x summed over each group) added. The packed bytes need no reordering: x is laid out once per call in
+// the order the unpacked nibbles come in (IntX). Per 64 weights that is ~12 integer operations of 256 bits,
+// against ~18 for converting the nibbles to float32 and multiplying there (the loop this replaced: 13-15% slower
+// over SmolLM2's matrices, 5-9% slower decoding); rounding x to 8 bits (vpdpbusd, as llama.cpp's Q4_1 x Q8_1) was faster again, but cost 1.3% of
+// decode-step perplexity, and the same 16-bit scheme for int8 weights was slower than int8's float loop.
 //
-// The loops are written once over a small vector vocabulary (VF: W floats; load, convert, fused multiply-add,
-// sum; an int4 group's dequantizer), defined for AVX-512 and for AVX2 + FMA; the compiler's -march=native picks
-// the first the CPU has.
+// The float loops are written once over a small vector vocabulary (VF: W floats; load, convert, fused
+// multiply-add, sum, e^x), defined for AVX-512 and for AVX2 + FMA; the compiler's -march=native picks the first the
+// CPU has. The integer loops use 256-bit AVX2 instructions (and vpdpwssd where the CPU has it).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -57,19 +64,13 @@ inline float sum(VF v) { return _mm512_reduce_add_ps(v); }
 inline VF from_i8(const int8_t* p) {  // W int8 -> W floats
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-// One int4 group's 16 possible weights q s + mn, q = 0..15, as a table; a vector permute looks W of them up at
-// once by the low 4 bits of each lane, so no mask and no int-to-float conversion is needed.
-constexpr bool LOOKUP = true;
-using Dequantizer = __m512;
-inline Dequantizer dequantizer(float s, float mn) {
-  const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return _mm512_fmadd_ps(q, _mm512_set1_ps(s), _mm512_set1_ps(mn));
-}
-inline void from_u4(const uint8_t* p, Dequantizer table, VF& low, VF& high) {  // W bytes -> 2W weights
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  low = _mm512_permutexvar_ps(b, table);  // (the byte's low nibble)
-  high = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
-}
+inline VF mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+inline VF maximum(VF a, VF b) { return _mm512_max_ps(a, b); }
+inline VF minimum(VF a, VF b) { return _mm512_min_ps(a, b); }
+inline VF div(VF a, VF b) { return _mm512_div_ps(a, b); }
+inline void store(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline VF round_nearest(VF v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline VF times_two_to(VF p, VF n) { return _mm512_scalef_ps(p, n); }  // p 2^n
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int W = 8;
 using VF = __m256;
@@ -86,19 +87,38 @@ inline float sum(VF v) {
 inline VF from_i8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-// 8 lanes cannot look up 16 entries: the nibbles q are converted as they are, and int4_block scales each group's
-// sums once and adds mn times the group's sum of x (LOOKUP false)
-constexpr bool LOOKUP = false;
-using Dequantizer = int;
-inline Dequantizer dequantizer(float, float) { return 0; }
-inline void from_u4(const uint8_t* p, Dequantizer, VF& low, VF& high) {
-  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  low = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-  high = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+inline VF mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF maximum(VF a, VF b) { return _mm256_max_ps(a, b); }
+inline VF minimum(VF a, VF b) { return _mm256_min_ps(a, b); }
+inline VF div(VF a, VF b) { return _mm256_div_ps(a, b); }
+inline void store(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VF round_nearest(VF v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline VF times_two_to(VF p, VF n) {  // p 2^n, n in [-126, 127] (vexp clamps its argument so)
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 #else
 #error "llamaref's CPU kernels need AVX2 and FMA (or AVX-512); cpu_kernels.py falls back to PyTorch without them"
 #endif
+
+// e^x for W lanes: x = n ln 2 + r with n whole and |r| <= ln 2 / 2, e^r by its degree-7 Taylor-like polynomial
+// (Cephes' expf coefficients; ~1 ulp in float32), times 2^n. x is clamped to [-87, 88]: e^-87 is float32's
+// smallest normal number and e^89 its overflow, so a lane below gives ~1.6e-38 instead of a denormal or 0, one
+// above ~1.7e38 instead of inf (softmax and SiLU take 0 and inf there as well as these).
+inline VF vexp(VF x) {
+  x = maximum(minimum(x, broadcast(88.0f)), broadcast(-87.0f));
+  const VF n = round_nearest(mul(x, broadcast(1.44269504088896341f)));
+  VF r = fma(n, broadcast(-0.693359375f), x);  // (ln 2 in two parts, so that n ln 2 is exact enough)
+  r = fma(n, broadcast(2.12194440e-4f), r);
+  VF p = broadcast(1.9875691500e-4f);
+  p = fma(p, r, broadcast(1.3981999507e-3f));
+  p = fma(p, r, broadcast(8.3334519073e-3f));
+  p = fma(p, r, broadcast(4.1665795894e-2f));
+  p = fma(p, r, broadcast(1.6666665459e-1f));
+  p = fma(p, r, broadcast(5.0000001201e-1f));
+  p = fma(p, mul(r, r), add(r, broadcast(1.0f)));
+  return times_two_to(p, n);
+}
 
 // A value loaded once and used by several rows, kept in a register: left alone, GCC folds the load into every
 // multiply-add that uses it, and the loads then bound the loop.
@@ -108,13 +128,28 @@ inline VF in_register(VF v) {
 }
 
 constexpr int64_t ROWS = 4;         // weight rows a block
-constexpr int64_t PREFETCH = 4096;  // bytes ahead of the block being read
+inline float dot(const float* a, const float* b, int64_t n) {
+  VF acc = zero();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc = fma(load(a + i), load(b + i), acc);
+  float total = sum(acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 4096
+#endif
+#ifndef PREFETCH_LEVEL
+#define PREFETCH_LEVEL 3
+#endif
+constexpr int64_t PREFETCH = PREFETCH_BYTES;  // bytes ahead of the block being read
 constexpr int64_t GRAIN = 16;       // blocks a thread takes at least
 
 // ask for bytes [from, from + bytes), but none at or past `end` (past a tensor's end it costs and brings nothing)
 inline void prefetch(const void* from, int64_t bytes, const void* end) {
   const char* p = static_cast<const char*>(from);
-  for (int64_t i = 0; i < bytes && p + i < end; i += 64) __builtin_prefetch(p + i);
+  for (int64_t i = 0; i < bytes && p + i < end; i += 64) __builtin_prefetch(p + i, 0, PREFETCH_LEVEL);
 }
 
 void check(const at::Tensor& x, const at::Tensor& weight, int64_t in_bytes, const char* name) {
@@ -146,17 +181,10 @@ inline void int8_block(const float* x, int64_t M, int64_t K, const int8_t* r, co
   }
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
-  check(x, q, x.size(1), "int8_linear");
-  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == q.size(0),
-              "int8_linear: q must be int8 [N, K] and scale float32 [N]");
-  const int64_t M = x.size(0), N = q.size(0), K = q.size(1), blocks = N / ROWS;
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
+// y [M, N] = x [M, K] q^T * scale, from raw pointers (int8_linear, and the fused decode layer below)
+void int8_product(const float* xp, int64_t M, int64_t K, const int8_t* qp, const float* sp, int64_t N, float* yp) {
+  const int64_t blocks = N / ROWS;
   const int8_t* end = qp + N * K;
-  const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   at::parallel_for(0, blocks, GRAIN, [&](int64_t begin, int64_t stop) {
     for (int64_t b = begin; b < stop; ++b) {
       const int64_t n = b * ROWS;
@@ -171,85 +199,163 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     }
   });
   for (int64_t n = blocks * ROWS; n < N; ++n) int8_block<1>(xp, M, K, qp + n * K, sp + n, yp + n, N);
+}
+
+// acc (int32) += w . x for 16 pairs of 16-bit integers (two products a lane)
+inline __m256i pair_products(__m256i acc, __m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, w, x);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+#endif
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  check(x, q, x.size(1), "int8_linear");
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == q.size(0),
+              "int8_linear: q must be int8 [N, K] and scale float32 [N]");
+  at::Tensor y = at::empty({x.size(0), q.size(0)}, x.options());
+  int8_product(x.data_ptr<float>(), x.size(0), q.size(1), q.data_ptr<int8_t>(), scale.data_ptr<float>(), q.size(0),
+               y.data_ptr<float>());
   return y;
 }
 
-// y[m, n .. n + R) for a block of R int4 weight rows starting at r (KB = Kp / 2 bytes a row); xs: x summed over
-// each group, for the minimums where from_u4 gives q itself (LOOKUP false)
-template <int R>
-inline void int4_block(const float* xe, const float* xo, const float* xs, int64_t M, int64_t KB, int64_t G,
-                       const uint8_t* r, const float* scales, const float* mins, float* y, int64_t N) {
-  const int64_t groups = 2 * KB / G, GB = G / 2;  // (G / 2 bytes a group, a multiple of W)
+// x in 16-bit integers, per block of 32 features: xq = round(x / d), d = max |x| / 32767 (a relative error of
+// ~1e-5), laid out in the order int4_x16_block multiplies the weights' nibbles in: for the 32
+// weight bytes j .. j + 31 of a chunk of 64 features, four runs of 16 (two per 128-bit half, bytes j .. j + 15 in
+// the lower half, j + 16 .. j + 31 in the upper):  x[2j'] for the bytes of _mm256_unpacklo_epi8, then of unpackhi,
+// then x[2j' + 1] for the same two. A last half chunk (16 bytes) is laid out the same in 128 bits.
+struct IntX {
+  std::vector<int16_t> q;          // [M, Kp]
+  std::vector<float> scale, sums;  // [M, Kp / 32] (d of each block), [M, Kp / G] (x summed over each group)
+};
+
+IntX quantize_x16(const float* xp, int64_t M, int64_t Kp, int64_t G) {
+  const int64_t blocks = Kp / 32, groups = Kp / G;
+  IntX out{std::vector<int16_t>(M * Kp), std::vector<float>(M * blocks), std::vector<float>(M * groups, 0.0f)};
   for (int64_t m = 0; m < M; ++m) {
-    const float *xem = xe + m * KB, *xom = xo + m * KB, *xsm = xs + m * groups;
-    VF acc[R], even[R], odd[R];  // (two sums a row, so that the multiply-adds do not wait for each other)
-    float offset[R] = {};
-    for (int i = 0; i < R; ++i) acc[i] = even[i] = odd[i] = zero();
-    for (int64_t g = 0; g < groups; ++g) {
-      Dequantizer group[R];
+    const float* x = xp + m * Kp;
+    float inverse[2] = {};
+    for (int64_t b = 0; b < blocks; ++b) {
+      float most = 0.0f, total = 0.0f;
+      for (int i = 0; i < 32; ++i) most = std::max(most, std::fabs(x[32 * b + i])), total += x[32 * b + i];
+      out.scale[m * blocks + b] = most / 32767.0f;
+      out.sums[m * groups + 32 * b / G] += total;
+    }
+    for (int64_t c = 0; c < Kp / 64 + (Kp % 64 != 0); ++c) {  // chunks of 64 features (the last may be 32)
+      const bool half = 64 * c + 64 > Kp;
+      const int lanes = half ? 1 : 2;  // 128-bit halves in this chunk, one block of x each
+      for (int h = 0; h < lanes; ++h) {
+        const float most = out.scale[m * blocks + 2 * c + h] * 32767.0f;
+        inverse[h] = most > 0 ? 32767.0f / most : 0.0f;
+      }
+      int16_t* q = out.q.data() + m * Kp + 64 * c;
+      const int run = 8 * lanes;  // words per run: 8 per 128-bit half
+      for (int parity = 0; parity < 2; ++parity)      // even features (low nibbles), then odd (high)
+        for (int part = 0; part < 2; ++part)          // the bytes of unpacklo, then of unpackhi
+          for (int h = 0; h < lanes; ++h)             // 128-bit half: bytes 16 h .. 16 h + 15 of the chunk
+            for (int k = 0; k < 8; ++k) {
+              const int64_t byte = 32 * c + 16 * h + 8 * part + k;  // (a byte index within the row)
+              q[(2 * parity + part) * run + 8 * h + k] =
+                  static_cast<int16_t>(std::nearbyint(x[2 * byte + parity] * inverse[h]));
+            }
+    }
+  }
+  return out;
+}
+
+// acc (int32) += the products of 32 weight bytes (64 nibbles) with their x, in IntX's order
+inline __m256i nibble_products(__m256i acc, __m256i w, const int16_t* x) {
+  const __m256i zero = _mm256_setzero_si256(), low4 = _mm256_set1_epi16(15);
+  const __m256i lo = _mm256_unpacklo_epi8(w, zero), hi = _mm256_unpackhi_epi8(w, zero);  // bytes as 16-bit words
+  const __m256i* xv = reinterpret_cast<const __m256i*>(x);
+  acc = pair_products(acc, _mm256_and_si256(lo, low4), _mm256_loadu_si256(xv));
+  acc = pair_products(acc, _mm256_and_si256(hi, low4), _mm256_loadu_si256(xv + 1));
+  acc = pair_products(acc, _mm256_srli_epi16(lo, 4), _mm256_loadu_si256(xv + 2));
+  return pair_products(acc, _mm256_srli_epi16(hi, 4), _mm256_loadu_si256(xv + 3));
+}
+
+// y[m, n .. n + R) for a block of R int4 weight rows starting at r: per chunk of 64 features, the integer products
+// (exact in int32), times the chunk's two blocks' x scales and the rows' group scales; plus mins . (x summed per group)
+template <int R>
+inline void int4_x16_block(const IntX& x, int64_t M, int64_t KB, int64_t G, const uint8_t* r, const float* scales,
+                           const float* mins, float* y, int64_t N) {
+  const int64_t Kp = 2 * KB, groups = Kp / G, blocks = Kp / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    const int16_t* xq = x.q.data() + m * Kp;
+    const float* d = x.scale.data() + m * blocks;
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= KB; j += 32) {  // bytes j .. j + 31: features 2j .. 2j + 63, blocks 2j / 32 and the next
+      const __m256 dv = _mm256_set_m128(_mm_set1_ps(d[j / 16 + 1]), _mm_set1_ps(d[j / 16]));
+      const int64_t g0 = 2 * j / G, g1 = (2 * j + 32) / G;
       for (int i = 0; i < R; ++i) {
-        if constexpr (!LOOKUP) even[i] = odd[i] = zero();  // (the group's own sums, scaled below)
-        group[i] = dequantizer(scales[i * groups + g], mins[i * groups + g]);
-      }
-      for (int64_t j = g * GB; j < (g + 1) * GB; j += W) {
-        const VF xv = in_register(load(xem + j)), xw = in_register(load(xom + j));
-        for (int i = 0; i < R; ++i) {
-          VF low, high;
-          from_u4(r + i * KB + j, group[i], low, high);
-          even[i] = fma(xv, low, even[i]);
-          odd[i] = fma(xw, high, odd[i]);
-        }
-      }
-      if constexpr (!LOOKUP) {
-        for (int i = 0; i < R; ++i) {  // s sum_k x_k q_k + mn sum_k x_k
-          acc[i] = fma(add(even[i], odd[i]), broadcast(scales[i * groups + g]), acc[i]);
-          offset[i] += mins[i * groups + g] * xsm[g];
-        }
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + i * KB + j));
+        const __m256i s = nibble_products(_mm256_setzero_si256(), w, xq + 2 * j);
+        const __m256 sv = _mm256_set_m128(_mm_set1_ps(scales[i * groups + g1]), _mm_set1_ps(scales[i * groups + g0]));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sv, dv), acc[i]);
       }
     }
     for (int i = 0; i < R; ++i) {
-      if constexpr (LOOKUP) acc[i] = add(even[i], odd[i]);  // (the weights were looked up whole: no scaling)
-      y[m * N + i] = sum(acc[i]) + offset[i];
+      float total = hsum(acc[i]) + dot(mins + i * groups, x.sums.data() + m * groups, groups);
+      if (j < KB) {  // a last 16 bytes (32 features, one block): the same in 128 bits
+        const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + i * KB + j));
+        const __m128i zero = _mm_setzero_si128(), low4 = _mm_set1_epi16(15);
+        const __m128i lo = _mm_unpacklo_epi8(w, zero), hi = _mm_unpackhi_epi8(w, zero);
+        const __m128i* xv = reinterpret_cast<const __m128i*>(xq + 2 * j);
+        __m128i s = _mm_madd_epi16(_mm_and_si128(lo, low4), _mm_loadu_si128(xv));
+        s = _mm_add_epi32(s, _mm_madd_epi16(_mm_and_si128(hi, low4), _mm_loadu_si128(xv + 1)));
+        s = _mm_add_epi32(s, _mm_madd_epi16(_mm_srli_epi16(lo, 4), _mm_loadu_si128(xv + 2)));
+        s = _mm_add_epi32(s, _mm_madd_epi16(_mm_srli_epi16(hi, 4), _mm_loadu_si128(xv + 3)));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+        total += _mm_cvtsi128_si32(s) * d[j / 16] * scales[i * groups + 2 * j / G];
+      }
+      y[m * N + i] = total;
     }
   }
+}
+
+// y [M, N] from x [M, Kp] and an int4 weight [N, Kp / 2] with groups of G, from raw pointers
+void int4_product(const float* xp, int64_t M, int64_t Kp, const uint8_t* qp, const float* sp, const float* mp,
+                  int64_t G, int64_t N, float* yp) {
+  const int64_t KB = Kp / 2, groups = Kp / G, blocks = N / ROWS;
+  const IntX q = quantize_x16(xp, M, Kp, G);
+  at::parallel_for(0, blocks, GRAIN, [&](int64_t begin, int64_t stop) {
+    for (int64_t b = begin; b < stop; ++b) {
+      const int64_t n = b * ROWS;
+      prefetch(qp + n * KB + PREFETCH, ROWS * KB, qp + N * KB);
+      int4_x16_block<ROWS>(q, M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups, yp + n, N);
+    }
+  });
+  for (int64_t n = blocks * ROWS; n < N; ++n)
+    int4_x16_block<1>(q, M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups, yp + n, N);
+}
+
+void check_int4(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t G,
+                const char* name) {
+  const int64_t N = qweight.size(0), Kp = 2 * qweight.size(1);
+  TORCH_CHECK(G % 32 == 0 && Kp % G == 0, name, ": group size ", G, " must divide ", Kp, " and be a multiple of 32");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
+              mins.scalar_type() == at::kFloat && scales.is_contiguous() && mins.is_contiguous() &&
+              scales.numel() == N * (Kp / G) && mins.numel() == N * (Kp / G),
+              name, ": qweight must be uint8 [N, Kp/2], scales and mins float32 [N, Kp/G]");
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t G) {
   check(x, qweight, x.size(1) / 2, "int4_linear");
-  const int64_t M = x.size(0), N = qweight.size(0), KB = qweight.size(1), Kp = 2 * KB;
-  TORCH_CHECK(G % (2 * W) == 0 && Kp % G == 0, "int4_linear: group size ", G, " must divide ", Kp,
-              " and be a multiple of ", 2 * W);
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
-              mins.scalar_type() == at::kFloat && scales.is_contiguous() && mins.is_contiguous() &&
-              scales.numel() == N * (Kp / G) && mins.numel() == N * (Kp / G),
-              "int4_linear: qweight must be uint8 [N, Kp/2], scales and mins float32 [N, Kp/G]");
-  const int64_t groups = Kp / G;
-  std::vector<float> xe(M * KB), xo(M * KB), xs(M * groups, 0.0f);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < M * KB; ++i) {
-    xe[i] = xp[2 * i];
-    xo[i] = xp[2 * i + 1];
-    xs[i / (G / 2)] += xp[2 * i] + xp[2 * i + 1];  // (the G / 2 pairs of a group are consecutive)
-  }
-  at::Tensor y = at::empty({M, N}, x.options());
-  const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  const float *sp = scales.data_ptr<float>(), *mp = mins.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t blocks = N / ROWS, ahead = PREFETCH / KB;  // (the rows PREFETCH bytes of weights ahead)
-  at::parallel_for(0, blocks, GRAIN, [&](int64_t begin, int64_t stop) {
-    for (int64_t b = begin; b < stop; ++b) {
-      const int64_t n = b * ROWS;
-      prefetch(qp + n * KB + PREFETCH, ROWS * KB, qp + N * KB);
-      prefetch(sp + (n + ahead) * groups, ROWS * groups * 4, sp + N * groups);
-      prefetch(mp + (n + ahead) * groups, ROWS * groups * 4, mp + N * groups);
-      int4_block<ROWS>(xe.data(), xo.data(), xs.data(), M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups,
-                       yp + n, N);
-    }
-  });
-  for (int64_t n = blocks * ROWS; n < N; ++n)
-    int4_block<1>(xe.data(), xo.data(), xs.data(), M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups, yp + n,
-                  N);
+  check_int4(qweight, scales, mins, G, "int4_linear");
+  at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
+  int4_product(x.data_ptr<float>(), x.size(0), x.size(1), qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+               mins.data_ptr<float>(), G, qweight.size(0), y.data_ptr<float>());
   return y;
 }
 
@@ -268,18 +374,186 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
   return stack[0].toTensor().view(shape);
 }
 
+// ---------------------------------------------------------------------------- a decode step's block, fused
+// llamaref_cpu::decode_layer: one block of model.py (Block.forward) for a decode step of B rows, one token each
+// (x [B, 1, C] -> [B, 1, C]; cos, sin [B, 1, D]; positions [B, 1]; the caches [B_max, K, S, D], written in place),
+// every product quantized (int8 or int4), float32 activations:
+//
+//   h = x + o(attend(rope(qkv(norm_a(x)))))        attend: row b sees its cache slots 0 .. positions[b]
+//   y = h + down(silu(gate(norm_m(h))) * up(norm_m(h)))
+//
+// Called from Python a step costs ~0.3 ms of calls where the layers' compiled graphs cost ~4 ms around the same
+// products (the guards, Inductor's wrapper code, SDPA's dispatch: docs/benchmarks.md, CPU). The arithmetic is
+// model.py's, in float32; the tests compare the two (tests/test_quant.py).
+
+// one quantized layer's stored tensors: int8 [qweight int8 [N, K], scales [N]] or int4 [qweight uint8 [N, Kp/2],
+// scales [N, Kp/G], mins [N, Kp/G]], and its bias
+struct Product {
+  at::Tensor q, scales, mins;
+  std::optional<at::Tensor> bias;
+  int64_t N, Kp, G;  // G = 0: int8 (Kp = K)
+
+  Product(at::TensorList t, const std::optional<at::Tensor>& b, const char* name) : bias(b) {
+    TORCH_CHECK(t.size() == 2 || t.size() == 3, "decode_layer: ", name, " needs 2 (int8) or 3 (int4) tensors");
+    q = t[0], scales = t[1];
+    TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && scales.is_contiguous(), "decode_layer: ", name,
+                ": a contiguous [N, K] qweight and scales");
+    N = q.size(0);
+    if (t.size() == 2) {
+      TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.numel() == N,
+                  "decode_layer: ", name, ": int8 qweight [N, K] and float32 scales [N]");
+      Kp = q.size(1), G = 0;
+    } else {
+      mins = t[2], Kp = 2 * q.size(1), G = Kp / std::max<int64_t>(scales.size(-1), 1);
+      check_int4(q, scales, mins, G, name);
+    }
+    TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous()),
+                "decode_layer: ", name, ": the bias must be float32 [N]");
+  }
+
+  // y [M, N] = x [M, Kp] W^T (+ bias); x's features past the layer's own (int4's padding) are zero
+  void operator()(const float* x, int64_t M, float* y) const {
+    if (G == 0)
+      int8_product(x, M, Kp, q.data_ptr<int8_t>(), scales.data_ptr<float>(), N, y);
+    else
+      int4_product(x, M, Kp, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), G, N, y);
+    if (bias) {
+      const float* b = bias->data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) y[m * N + n] += b[n];
+    }
+  }
+};
+
+// p[t] = e^(p[t] - most) for t < L; -> their sum
+float exps(float* p, int64_t L, float most) {
+  VF total = zero();
+  int64_t t = 0;
+  for (; t + W <= L; t += W) {
+    const VF e = vexp(add(load(p + t), broadcast(-most)));
+    store(p + t, e);
+    total = add(total, e);
+  }
+  float rest = sum(total);
+  for (; t < L; ++t) rest += p[t] = std::exp(p[t] - most);
+  return rest;
+}
+
+// out [F] = silu(gate) * up = gate / (1 + e^-gate) * up, for gate_up [2F] (gate, then up)
+void silu_mul(const float* gate_up, int64_t F, float* out) {
+  int64_t f = 0;
+  for (; f + W <= F; f += W) {
+    const VF g = load(gate_up + f), e = vexp(mul(g, broadcast(-1.0f)));
+    store(out + f, mul(div(g, add(e, broadcast(1.0f))), load(gate_up + F + f)));
+  }
+  for (; f < F; ++f) out[f] = gate_up[f] / (1.0f + std::exp(-gate_up[f])) * gate_up[F + f];
+}
+
+// out [C] = x / sqrt(mean(x^2) + eps) * weight (RMSNorm)
+void rms_norm(const float* x, int64_t C, const float* weight, double eps, float* out) {
+  const float scale = 1.0f / std::sqrt(dot(x, x, C) / C + static_cast<float>(eps));
+  for (int64_t c = 0; c < C; ++c) out[c] = weight[c] * (x[c] * scale);
+}
+
+// (x_j, x_{j + D/2}) -> (x_j cos_j - x_{j + D/2} sin_j, x_{j + D/2} cos_{j + D/2} + x_j sin_{j + D/2}) (apply_rope)
+void rope(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    out[j] = x[j] * cos[j] - x[j + half] * sin[j];
+    out[j + half] = x[j + half] * cos[j + half] + x[j] * sin[j + half];
+  }
+}
+
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attention_norm, const at::Tensor& mlp_norm,
+                        double eps, at::TensorList qkv_w, at::TensorList o_w, at::TensorList gate_up_w,
+                        at::TensorList down_w, const c10::List<std::optional<at::Tensor>>& biases,
+                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                        const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t n_heads) {
+  TORCH_CHECK(biases.size() == 4, "decode_layer: 4 biases (qkv, o, gate_up, down), each a tensor or None");
+  const Product qkv(qkv_w, biases.get(0), "qkv"), o(o_w, biases.get(1), "o"), gate_up(gate_up_w, biases.get(2),
+                    "gate_up"), down(down_w, biases.get(3), "down");
+  TORCH_CHECK((x.dim() == 2 || (x.dim() == 3 && x.size(1) == 1)) && x.scalar_type() == at::kFloat &&
+              x.is_contiguous(), "decode_layer: x must be a contiguous float32 [B, 1, C] or [B, C]");
+  const int64_t B = x.size(0), C = x.size(-1), H = n_heads, K = cache_k.size(1), S = cache_k.size(2),
+                D = cache_k.size(3), F = gate_up.N / 2, HD = H * D;
+  TORCH_CHECK(cache_k.scalar_type() == at::kFloat && cache_k.is_contiguous() && cache_v.sizes() == cache_k.sizes() &&
+              cache_v.scalar_type() == at::kFloat && cache_v.is_contiguous() && cache_k.size(0) >= B &&
+              H % K == 0, "decode_layer: float32 caches [B_max >= B, K, S, D] and n_heads a multiple of K");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == B * D && sin.numel() == B * D, "decode_layer: cos and sin "
+              "float32 [B, 1, D] or [B, D]");
+  const at::Tensor position = positions.reshape({-1}).contiguous();
+  TORCH_CHECK(position.scalar_type() == at::kLong && position.numel() == B, "decode_layer: positions int64 [B]");
+  TORCH_CHECK(qkv.N == HD + 2 * K * D && qkv.Kp >= C && o.N == C && o.Kp >= HD && gate_up.Kp >= C &&
+              down.N == C && down.Kp >= F && attention_norm.numel() == C && mlp_norm.numel() == C,
+              "decode_layer: the layers' shapes do not fit together");
+  const int64_t* pos = position.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(0 <= pos[b] && pos[b] < S, "decode_layer: position ", pos[b], " outside the cache of ", S);
+
+  // every row's activations side by side, each padded with zeros to the next layer's input features Kp
+  std::vector<float> xn(B * qkv.Kp, 0.0f), qkv_out(B * qkv.N), attn(B * o.Kp, 0.0f), hn(B * gate_up.Kp, 0.0f),
+      gu(B * gate_up.N), act(B * down.Kp, 0.0f), proj(B * C);
+  at::Tensor y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float *kp = cache_k.data_ptr<float>(), *vp = cache_v.data_ptr<float>(), *yp = y.data_ptr<float>();
+
+  for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * C, C, attention_norm.data_ptr<float>(), eps, &xn[b * qkv.Kp]);
+  qkv(xn.data(), B, qkv_out.data());
+  std::vector<float> q(B * HD);
+  for (int64_t b = 0; b < B; ++b) {  // rotate q and k; write k and v at the row's position
+    const float *row = &qkv_out[b * qkv.N], *c = cp + b * D, *s = sp + b * D;
+    for (int64_t h = 0; h < H; ++h) rope(row + h * D, c, s, D, &q[b * HD + h * D]);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t slot = ((b * K + k) * S + pos[b]) * D;
+      rope(row + HD + k * D, c, s, D, kp + slot);
+      std::copy(row + HD + K * D + k * D, row + HD + K * D + (k + 1) * D, vp + slot);
+    }
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t stop) {  // softmax(q k^T / sqrt(D)) v, a head at a time
+    std::vector<float> p;
+    for (int64_t bh = begin; bh < stop; ++bh) {
+      const int64_t b = bh / H, h = bh % H, L = pos[b] + 1;
+      const float* qh = &q[bh * D];
+      const float *keys = kp + (b * K + h / (H / K)) * S * D, *values = vp + (b * K + h / (H / K)) * S * D;
+      p.resize(L);
+      float most = -INFINITY, total = 0.0f;
+      for (int64_t t = 0; t < L; ++t) most = std::max(most, p[t] = dot(qh, keys + t * D, D) * scale);
+      total = exps(p.data(), L, most);
+      float* out = &attn[b * o.Kp + h * D];
+      for (int64_t t = 0; t < L; ++t) {
+        const float w = p[t] / total, *v = values + t * D;
+        for (int64_t d = 0; d < D; ++d) out[d] += w * v[d];
+      }
+    }
+  });
+  o(attn.data(), B, proj.data());
+  for (int64_t i = 0; i < B * C; ++i) yp[i] = xp[i] + proj[i];  // h, the residual stream after attention
+  for (int64_t b = 0; b < B; ++b) rms_norm(yp + b * C, C, mlp_norm.data_ptr<float>(), eps, &hn[b * gate_up.Kp]);
+  gate_up(hn.data(), B, gu.data());
+  for (int64_t b = 0; b < B; ++b) silu_mul(&gu[b * gate_up.N], F, &act[b * down.Kp]);
+  down(act.data(), B, proj.data());
+  for (int64_t i = 0; i < B * C; ++i) yp[i] += proj[i];
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llamaref_cpu, m) {
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size) -> Tensor");
+  m.def("decode_layer(Tensor x, Tensor attention_norm, Tensor mlp_norm, float eps, Tensor[] qkv, Tensor[] o, "
+        "Tensor[] gate_up, Tensor[] down, Tensor?[] biases, Tensor cos, Tensor sin, Tensor positions, "
+        "Tensor(a!) cache_k, Tensor(b!) cache_v, int n_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamaref_cpu, CPU, m) {  // (CPU tensors only; cpu_kernels.py gives torch.compile their shapes)
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
   m.impl("packed_linear", &packed_linear);
+  m.impl("decode_layer", &decode_layer);
 }
 
 TORCH_LIBRARY_IMPL(llamaref_cpu, MkldnnCPU, m) {  // (the prepacked weight is a oneDNN tensor)
@@ -290,4 +564,5 @@ TORCH_LIBRARY_IMPL(llamaref_cpu, Autograd, m) {  // (inference only: nothing to 
   m.impl("int8_linear", torch::CppFunction::makeFallthrough());
   m.impl("int4_linear", torch::CppFunction::makeFallthrough());
   m.impl("packed_linear", torch::CppFunction::makeFallthrough());
+  m.impl("decode_layer", torch::CppFunction::makeFallthrough());
 }
