@@ -384,6 +384,8 @@ def serve_and_measure(args: argparse.Namespace) -> None:
           flush=True)
 
     app = make_server_app(llm, args)
+    if args.fewest_rows:
+        app.state.engine.scheduler.GPU_FEWEST_ROWS = args.fewest_rows
     app.state.engine.scheduler.warm_up(lambda line: print(line, flush=True))  # (as `llama serve` does)
     server, thread, url = start_server(app, args.host)
     # (everything that runs the model runs on this, the main, thread, as under `llama serve`: see llama.server.serve)
@@ -482,6 +484,9 @@ def main() -> None:
                         help=f"how new requests are prefilled, {', '.join(ADMISSIONS)} (see ADMISSIONS); "
                              "several, comma-separated: the server runs with each in turn (and with --compare, "
                              "the scheduler alone first, once with each)")
+    parser.add_argument("--fewest-rows", type=int, help="the server's decode steps of more than one row run at least "
+                        "this many (Scheduler.GPU_FEWEST_ROWS, default 8): fewer batch sizes to compile first, ~90 s "
+                        "each for the 8B shape on an H100")
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)  # (a client run's, internal)
     args = parser.parse_args()
 
