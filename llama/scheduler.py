@@ -197,11 +197,13 @@ class Scheduler:
         # New prompts may join a decode step (`_may_join`): on a GPU the step reads every weight once for a few rows
         # and the prompts' tokens ride along (a CPU computes each token's products anyway). Off unless asked for:
         # on an H100 it took the scheduler alone from 0.79 to 0.81-0.87 of the static batch's tok/s, but the server
-        # collapsed under it (compilations mid-run; docs/benchmarks.md, "Serving").
+        # collapsed under it; the collapse was traced since to compilations mid-run (now made first, `warm_up`),
+        # and the server has not been measured with it again (docs/benchmarks.md, "Serving").
         self.join = join
         # A lone new request may wait up to `hold` steps for another to be prefilled with, while at least HOLD_ROWS
         # rows decode: a prefill of one prompt costs about a decode step of all of them (on an H100, 8B shape: ~8
-        # ms against 7.3 ms for 64 rows; 4 prompts ~14 ms), a row left empty a step 1/64 of one. Off unless asked for.
+        # ms against 7.3 ms for 64 rows; 4 prompts ~14 ms), a row left empty a step 1/64 of one. Off unless asked for:
+        # hold=8 gave the server 0.76 of the static batch against 0.77-0.78 without (the scheduler alone 0.81).
         self.hold = hold
         self.vocab_size = model.lm_head.out_features
         self.eos_token_ids = set(eos_token_ids)
@@ -489,6 +491,8 @@ class Scheduler:
         for the 8B shape on an H100 (docs/benchmarks.md, Serving). `report` gets a line per size."""
         if not (getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda"):
             return
+        report(f"compiling the decode step for {len(self.batch_sizes())} batch sizes "
+               f"({', '.join(map(str, self.batch_sizes()))} rows), once each")
         for B in self.batch_sizes():
             start = time.perf_counter()
             params, top_k = self._params([None] * B)
