@@ -17,7 +17,8 @@
 // asks for the bytes PREFETCH ahead of it in the same stream (on the 2-core EPYC of docs/benchmarks.md this alone
 // took a sweep over SmolLM2's int8 matrices from 15-17 to 27-32 GB/s).
 //
-// Work is split over torch's own threads (at::parallel_for: torch.set_num_threads applies) by blocks of ROWS
+// Work is split over torch's number of threads (at::parallel_for: torch.set_num_threads applies; the fused decode
+// block keeps one team of them for all its steps) by blocks of ROWS
 // consecutive weight rows, which lie one after the other in memory, so each thread reads one contiguous range.
 // Within a block, each of the M rows of x is multiplied by the block's weights in turn: the weights are read
 // from memory once and from the L1 cache after that.
@@ -43,6 +44,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -181,24 +183,30 @@ inline void int8_block(const float* x, int64_t M, int64_t K, const int8_t* r, co
   }
 }
 
-// y [M, N] = x [M, K] q^T * scale, from raw pointers (int8_linear, and the fused decode layer below)
-void int8_product(const float* xp, int64_t M, int64_t K, const int8_t* qp, const float* sp, int64_t N, float* yp) {
-  const int64_t blocks = N / ROWS;
+// y[:, n] for the weight rows of blocks [b0, b1) (ROWS rows each) and, with `tail`, the rows past the last block
+void int8_rows(const float* xp, int64_t M, int64_t K, const int8_t* qp, const float* sp, int64_t N, float* yp,
+               int64_t b0, int64_t b1, bool tail) {
   const int8_t* end = qp + N * K;
-  at::parallel_for(0, blocks, GRAIN, [&](int64_t begin, int64_t stop) {
-    for (int64_t b = begin; b < stop; ++b) {
-      const int64_t n = b * ROWS;
-      prefetch(qp + n * K + PREFETCH, ROWS * K, end);
-      // One row (a decode step) as a constant: the sweep over SmolLM2's int8 matrices took 3.4-3.8 ms with this
-      // branch and 6.7-6.9 ms without it
-      if (M == 1) {
-        int8_block<ROWS>(xp, 1, K, qp + n * K, sp + n, yp + n, N);
-      } else {
-        int8_block<ROWS>(xp, M, K, qp + n * K, sp + n, yp + n, N);
-      }
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n = b * ROWS;
+    prefetch(qp + n * K + PREFETCH, ROWS * K, end);
+    // One row (a decode step) as a constant: the sweep over SmolLM2's int8 matrices took 3.4-3.8 ms with this
+    // branch and 6.7-6.9 ms without it
+    if (M == 1) {
+      int8_block<ROWS>(xp, 1, K, qp + n * K, sp + n, yp + n, N);
+    } else {
+      int8_block<ROWS>(xp, M, K, qp + n * K, sp + n, yp + n, N);
     }
+  }
+  for (int64_t n = (N / ROWS) * ROWS; tail && n < N; ++n) int8_block<1>(xp, M, K, qp + n * K, sp + n, yp + n, N);
+}
+
+// y [M, N] = x [M, K] q^T * scale, from raw pointers
+void int8_product(const float* xp, int64_t M, int64_t K, const int8_t* qp, const float* sp, int64_t N, float* yp) {
+  at::parallel_for(0, N / ROWS, GRAIN, [&](int64_t begin, int64_t stop) {
+    int8_rows(xp, M, K, qp, sp, N, yp, begin, stop, false);
   });
-  for (int64_t n = blocks * ROWS; n < N; ++n) int8_block<1>(xp, M, K, qp + n * K, sp + n, yp + n, N);
+  int8_rows(xp, M, K, qp, sp, N, yp, 0, 0, true);
 }
 
 // acc (int32) += w . x for 16 pairs of 16-bit integers (two products a lane)
@@ -323,20 +331,27 @@ inline void int4_x16_block(const IntX& x, int64_t M, int64_t KB, int64_t G, cons
   }
 }
 
+// y[:, n] for the int4 weight rows of blocks [b0, b1) and, with `tail`, the rows past the last block
+void int4_rows(const IntX& q, int64_t M, int64_t Kp, const uint8_t* qp, const float* sp, const float* mp, int64_t G,
+               int64_t N, float* yp, int64_t b0, int64_t b1, bool tail) {
+  const int64_t KB = Kp / 2, groups = Kp / G;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n = b * ROWS;
+    prefetch(qp + n * KB + PREFETCH, ROWS * KB, qp + N * KB);
+    int4_x16_block<ROWS>(q, M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups, yp + n, N);
+  }
+  for (int64_t n = (N / ROWS) * ROWS; tail && n < N; ++n)
+    int4_x16_block<1>(q, M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups, yp + n, N);
+}
+
 // y [M, N] from x [M, Kp] and an int4 weight [N, Kp / 2] with groups of G, from raw pointers
 void int4_product(const float* xp, int64_t M, int64_t Kp, const uint8_t* qp, const float* sp, const float* mp,
                   int64_t G, int64_t N, float* yp) {
-  const int64_t KB = Kp / 2, groups = Kp / G, blocks = N / ROWS;
   const IntX q = quantize_x16(xp, M, Kp, G);
-  at::parallel_for(0, blocks, GRAIN, [&](int64_t begin, int64_t stop) {
-    for (int64_t b = begin; b < stop; ++b) {
-      const int64_t n = b * ROWS;
-      prefetch(qp + n * KB + PREFETCH, ROWS * KB, qp + N * KB);
-      int4_x16_block<ROWS>(q, M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups, yp + n, N);
-    }
+  at::parallel_for(0, N / ROWS, GRAIN, [&](int64_t begin, int64_t stop) {
+    int4_rows(q, M, Kp, qp, sp, mp, G, N, yp, begin, stop, false);
   });
-  for (int64_t n = blocks * ROWS; n < N; ++n)
-    int4_x16_block<1>(q, M, KB, G, qp + n * KB, sp + n * groups, mp + n * groups, yp + n, N);
+  int4_rows(q, M, Kp, qp, sp, mp, G, N, yp, 0, 0, true);
 }
 
 void check_int4(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t G,
@@ -411,18 +426,26 @@ struct Product {
                 "decode_layer: ", name, ": the bias must be float32 [N]");
   }
 
-  // y [M, N] = x [M, Kp] W^T (+ bias); x's features past the layer's own (int4's padding) are zero
-  void operator()(const float* x, int64_t M, float* y) const {
+  // Thread t of T's share of y [M, N] = x [M, Kp] W^T (+ bias): the weight rows of a contiguous range of blocks
+  // (the last thread also takes the rows past the last block). x's features past the layer's own (int4's
+  // padding) are zero; for int4, `xq` is x rounded to 16 bits (`quantize_x16`), made once for all threads.
+  void part(const float* x, const IntX& xq, int64_t M, float* y, int t, int T) const {
+    const int64_t blocks = N / ROWS, chunk = (blocks + T - 1) / T;
+    const int64_t b0 = std::min(blocks, t * chunk), b1 = std::min(blocks, b0 + chunk);
+    const bool last = t == T - 1;
     if (G == 0)
-      int8_product(x, M, Kp, q.data_ptr<int8_t>(), scales.data_ptr<float>(), N, y);
+      int8_rows(x, M, Kp, q.data_ptr<int8_t>(), scales.data_ptr<float>(), N, y, b0, b1, last);
     else
-      int4_product(x, M, Kp, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), G, N, y);
+      int4_rows(xq, M, Kp, q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), G, N, y, b0, b1,
+                last);
     if (bias) {
       const float* b = bias->data_ptr<float>();
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) y[m * N + n] += b[n];
+        for (int64_t n = b0 * ROWS; n < (last ? N : b1 * ROWS); ++n) y[m * N + n] += b[n];
     }
   }
+
+  IntX prepare(const float* x, int64_t M) const { return G == 0 ? IntX{} : quantize_x16(x, M, Kp, G); }
 };
 
 // p[t] = e^(p[t] - most) for t < L; -> their sum
@@ -498,42 +521,66 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attention_norm, c
   const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   float *kp = cache_k.data_ptr<float>(), *vp = cache_v.data_ptr<float>(), *yp = y.data_ptr<float>();
 
-  for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * C, C, attention_norm.data_ptr<float>(), eps, &xn[b * qkv.Kp]);
-  qkv(xn.data(), B, qkv_out.data());
   std::vector<float> q(B * HD);
-  for (int64_t b = 0; b < B; ++b) {  // rotate q and k; write k and v at the row's position
-    const float *row = &qkv_out[b * qkv.N], *c = cp + b * D, *s = sp + b * D;
-    for (int64_t h = 0; h < H; ++h) rope(row + h * D, c, s, D, &q[b * HD + h * D]);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t slot = ((b * K + k) * S + pos[b]) * D;
-      rope(row + HD + k * D, c, s, D, kp + slot);
-      std::copy(row + HD + K * D + k * D, row + HD + K * D + (k + 1) * D, vp + slot);
-    }
-  }
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t stop) {  // softmax(q k^T / sqrt(D)) v, a head at a time
+  IntX xq;  // (an int4 product's x in 16 bits, made by one thread for all)
+  // One team of threads for the whole block, each product split over them by weight rows, the small steps between
+  // on one thread (`single`, which the others wait at): a parallel region a product cost ~10 us of each
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#pragma omp single
+    {
+      for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * C, C, attention_norm.data_ptr<float>(), eps, &xn[b * qkv.Kp]);
+      xq = qkv.prepare(xn.data(), B);
+    }
+    qkv.part(xn.data(), xq, B, qkv_out.data(), t, T);
+#pragma omp barrier
+#pragma omp single
+    for (int64_t b = 0; b < B; ++b) {  // rotate q and k; write k and v at the row's position
+      const float *row = &qkv_out[b * qkv.N], *c = cp + b * D, *s = sp + b * D;
+      for (int64_t h = 0; h < H; ++h) rope(row + h * D, c, s, D, &q[b * HD + h * D]);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t slot = ((b * K + k) * S + pos[b]) * D;
+        rope(row + HD + k * D, c, s, D, kp + slot);
+        std::copy(row + HD + K * D + k * D, row + HD + K * D + (k + 1) * D, vp + slot);
+      }
+    }
     std::vector<float> p;
-    for (int64_t bh = begin; bh < stop; ++bh) {
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh) {  // softmax(q k^T / sqrt(D)) v, a head at a time
       const int64_t b = bh / H, h = bh % H, L = pos[b] + 1;
       const float* qh = &q[bh * D];
       const float *keys = kp + (b * K + h / (H / K)) * S * D, *values = vp + (b * K + h / (H / K)) * S * D;
       p.resize(L);
-      float most = -INFINITY, total = 0.0f;
-      for (int64_t t = 0; t < L; ++t) most = std::max(most, p[t] = dot(qh, keys + t * D, D) * scale);
-      total = exps(p.data(), L, most);
+      float most = -INFINITY;
+      for (int64_t i = 0; i < L; ++i) most = std::max(most, p[i] = dot(qh, keys + i * D, D) * scale);
+      const float total = exps(p.data(), L, most);
       float* out = &attn[b * o.Kp + h * D];
-      for (int64_t t = 0; t < L; ++t) {
-        const float w = p[t] / total, *v = values + t * D;
+      for (int64_t i = 0; i < L; ++i) {
+        const float w = p[i] / total, *v = values + i * D;
         for (int64_t d = 0; d < D; ++d) out[d] += w * v[d];
       }
     }
-  });
-  o(attn.data(), B, proj.data());
-  for (int64_t i = 0; i < B * C; ++i) yp[i] = xp[i] + proj[i];  // h, the residual stream after attention
-  for (int64_t b = 0; b < B; ++b) rms_norm(yp + b * C, C, mlp_norm.data_ptr<float>(), eps, &hn[b * gate_up.Kp]);
-  gate_up(hn.data(), B, gu.data());
-  for (int64_t b = 0; b < B; ++b) silu_mul(&gu[b * gate_up.N], F, &act[b * down.Kp]);
-  down(act.data(), B, proj.data());
+#pragma omp single
+    xq = o.prepare(attn.data(), B);
+    o.part(attn.data(), xq, B, proj.data(), t, T);
+#pragma omp barrier
+#pragma omp single
+    {
+      for (int64_t i = 0; i < B * C; ++i) yp[i] = xp[i] + proj[i];  // h, the residual stream after attention
+      for (int64_t b = 0; b < B; ++b) rms_norm(yp + b * C, C, mlp_norm.data_ptr<float>(), eps, &hn[b * gate_up.Kp]);
+      xq = gate_up.prepare(hn.data(), B);
+    }
+    gate_up.part(hn.data(), xq, B, gu.data(), t, T);
+#pragma omp barrier
+#pragma omp single
+    {
+      for (int64_t b = 0; b < B; ++b) silu_mul(&gu[b * gate_up.N], F, &act[b * down.Kp]);
+      xq = down.prepare(act.data(), B);
+    }
+    down.part(act.data(), xq, B, proj.data(), t, T);
+  }
   for (int64_t i = 0; i < B * C; ++i) yp[i] += proj[i];
   return y;
 }
