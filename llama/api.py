@@ -323,7 +323,8 @@ def compile_layers(model: Transformer) -> None:
     compiled for one token: one compilation that the layers share (~3 s), and Inductor's one-row products
     (`model.Linear`). The prefill stays eager: at the demo's sizes it is as fast as compiled, and compiling it for
     every length took ~15 s more (docs/benchmarks.md, CPU). It is compiled here, at load, for one row and the
-    shortest cache: compiling in the first answer would count in its decode speed."""
+    shortest cache: compiling in the first answer would count in its decode speed. A quantized model whose decode
+    steps run fused C++ blocks (`quant.fuse_cpu_decode`) has nothing to compile for one token."""
     # The layers of every model in the process share one code object, and so Dynamo's limit of 8 compilations of
     # it: each model shape and weight format (dense, int8, int4) takes one or two, a draft model and the verify
     # steps more. Those are specializations, not runaway recompiling: allow 64.
@@ -339,6 +340,8 @@ def compile_layers(model: Transformer) -> None:
         return
     for layer in model.layers:
         layer.forward = _compiled_for_decode(layer.forward, lambda x, *args: args[3] is not None)
+    if quant.fusable(model):  # (its decode steps run fused blocks, `Llama`, and its output projection the C++ kernel:
+        return                # nothing compiled for one token would run; verify steps compile their layers when met)
     model.lm_head.forward = _compiled_for_decode(model.lm_head.forward, lambda x: True)
     device = model.embed_tokens.weight.device
     model.setup_cache(1, SHORTEST_CACHE)

@@ -312,19 +312,26 @@ def fuse_cpu_decode(model: nn.Module) -> bool:
     `use_reference`, the reference attention) takes the block's own forward. Applies when every block's products
     are quantized layers that take the C++ kernels and have no hooks (tensor parallelism adds its all-reduce as
     one); returns whether it did."""
-    layers = [(block.attention.qkv_proj, block.attention.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj)
-              for block in model.layers]
-    for products in layers:
-        for p in products:
-            if isinstance(p, QuantizedLinear) and not p.packed and p.qweight.device.type == "cpu":
-                p.pack()
-    if not all(isinstance(p, QuantizedLinear) and p.native and p.qweight.device.type == "cpu" and not p._forward_hooks
-               and p.scales.dtype == torch.float32 for products in layers for p in products):
+    if not fusable(model):
         return False
-    for block, products in zip(model.layers, layers):
+    for block in model.layers:
         if not hasattr(block.forward, "unfused"):
-            block.forward = _fused_decode(block, products, block.forward)
+            block.forward = _fused_decode(block, _products(block), block.forward)
     return True
+
+
+def fusable(model: nn.Module) -> bool:
+    """Whether `fuse_cpu_decode` applies to this model (its quantized layers packed first, as the loader does)."""
+    products = [p for block in model.layers for p in _products(block)]
+    for p in products:
+        if isinstance(p, QuantizedLinear) and not p.packed and p.qweight.device.type == "cpu":
+            p.pack()
+    return all(isinstance(p, QuantizedLinear) and p.native and p.qweight.device.type == "cpu" and not p._forward_hooks
+               and p.scales.dtype == torch.float32 for p in products)
+
+
+def _products(block: nn.Module) -> tuple[nn.Module, ...]:
+    return block.attention.qkv_proj, block.attention.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj
 
 
 def _fused_decode(block: nn.Module, products: tuple[QuantizedLinear, ...], forward):
