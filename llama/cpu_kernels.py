@@ -4,6 +4,9 @@ torch ops, which eager code and compiled graphs call alike:
     llamaref_cpu::int8_linear, llamaref_cpu::int4_linear   the quantized layers' products for a few rows of float32
                                                            x (a decode or verify step; a prefill dequantizes and
                                                            runs one dense matmul instead), quant.py
+    llamaref_cpu::decode_layer                             a quantized model's whole block for a decode step
+                                                           (norms, products, RoPE, cache write, attention),
+                                                           quant.fuse_cpu_decode
     llamaref_cpu::packed_linear                            oneDNN's matmul over a prepacked weight, for the
                                                            verify step of a float32 or bf16 model, speculative.py
 
@@ -99,6 +102,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llamaref_cpu::int4_linear")
     def _(x, qweight, scales, mins, group_size):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("llamaref_cpu::decode_layer")
+    def _(x, attention_norm, mlp_norm, eps, qkv, o, gate_up, down, biases, cos, sin, positions, cache_k, cache_v,
+          n_heads):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("llamaref_cpu::packed_linear")
     def _(x, packed, bias, out_features):

@@ -145,7 +145,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 #ifndef PREFETCH_LEVEL
 #define PREFETCH_LEVEL 3
 #endif
-constexpr int64_t PREFETCH = PREFETCH_BYTES;  // bytes ahead of the block being read
+constexpr int64_t PREFETCH = PREFETCH_BYTES;  // bytes ahead of the block being read (CXXFLAGS=-DPREFETCH_BYTES=N to try)
 constexpr int64_t GRAIN = 16;       // blocks a thread takes at least
 
 // ask for bytes [from, from + bytes), but none at or past `end` (past a tensor's end it costs and brings nothing)
