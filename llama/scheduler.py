@@ -491,9 +491,9 @@ class Scheduler:
         for the 8B shape on an H100 (docs/benchmarks.md, Serving). `report` gets a line per size."""
         if not (getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda"):
             return
-        report(f"compiling the decode step for {len(self.batch_sizes())} batch sizes "
-               f"({', '.join(map(str, self.batch_sizes()))} rows), once each")
-        for B in self.batch_sizes():
+        sizes = self.batch_sizes()
+        report(f"compiling the decode step for {len(sizes)} batch sizes ({', '.join(map(str, sizes))} rows), once each")
+        for B in sizes:
             start = time.perf_counter()
             params, top_k = self._params([None] * B)
             for _ in range(2):  # (the first run compiles, the second records the graph)

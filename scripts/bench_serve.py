@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import importlib.util
+import itertools
 import json
 import random
 import subprocess

@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed generations after the warm-up")
     parser.add_argument("--profile", action="store_true", help="profile 20 decode steps instead")
     parser.add_argument("--side-by-side", type=int, metavar="REPEATS",
-                        help="time eager, compile=True and the whole step compiled as one graph, alternating")
+                        help="time eager, compile=True (quantized: with the blocks fused and not) and the whole "
+                             "step compiled as one graph, alternating")
     parser.add_argument("--kernels", action="store_true", help="time the one-row products alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -16,8 +16,15 @@ import llama
 from llama import cpu_kernels, quant
 from llama.cli import main
 from llama.perplexity import windows
-from llama.quant import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,
-                         unpack_int4)
+from llama.quant import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")  # real English prose, in Debian's base-files everywhere
 
@@ -103,7 +110,7 @@ def test_quantized_layer_equals_the_dequantized_weights_matmul(make, rows):
         G, Kp = layer.group_size, layer.padded_in_features
         x_padded = torch.nn.functional.pad(x, (0, Kp - 200))
         blocks = x_padded.view(2, rows, -1, 32)
-        most = blocks.abs().amax(-1, keepdim=True)  # float32, as the kernel: d = most / 32767, q = round(x 32767 / most)
+        most = blocks.abs().amax(-1, keepdim=True)  # float32, as the kernel: d = most / 32767, q = round(x 32767/most)
         x16 = torch.round(blocks * torch.where(most > 0, 32767 / most, 0)) * (most / 32767)
         q = unpack_int4(layer.qweight).double().view(70, -1, G) * layer.scales.double()[..., None]  # [N, Kp/G, G]
         from_q = (x16.double().view(2, rows, 1, -1, G) * q).sum((-1, -2))

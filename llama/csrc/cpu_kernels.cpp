@@ -18,8 +18,8 @@
 // took a sweep over SmolLM2's int8 matrices from 15-17 to 27-32 GB/s).
 //
 // Work is split over torch's number of threads (at::parallel_for: torch.set_num_threads applies; the fused decode
-// block keeps one team of them for all its steps) by blocks of ROWS
-// consecutive weight rows, which lie one after the other in memory, so each thread reads one contiguous range.
+// block keeps one team of them for all its steps) by blocks of ROWS consecutive weight rows, which lie one after
+// the other in memory, so each thread reads one contiguous range.
 // Within a block, each of the M rows of x is multiplied by the block's weights in turn: the weights are read
 // from memory once and from the L1 cache after that.
 //
@@ -30,8 +30,9 @@
 // and mins . (x summed over each group) added. The packed bytes need no reordering: x is laid out once per call in
 // the order the unpacked nibbles come in (IntX). Per 64 weights that is ~12 integer operations of 256 bits,
 // against ~18 for converting the nibbles to float32 and multiplying there (the loop this replaced: 13-15% slower
-// over SmolLM2's matrices, 5-9% slower decoding); rounding x to 8 bits (vpdpbusd, as llama.cpp's Q4_1 x Q8_1) was faster again, but cost 1.3% of
-// decode-step perplexity, and the same 16-bit scheme for int8 weights was slower than int8's float loop.
+// over SmolLM2's matrices, 5-9% slower decoding); rounding x to 8 bits (vpdpbusd, as llama.cpp's Q4_1 x Q8_1) was
+// faster again but cost 1.3% of decode-step perplexity, and the same 16-bit scheme for int8 weights was slower than
+// int8's float loop.
 //
 // The float loops are written once over a small vector vocabulary (VF: W floats; load, convert, fused
 // multiply-add, sum, e^x), defined for AVX-512 and for AVX2 + FMA; the compiler's -march=native picks the first the
@@ -129,7 +130,7 @@ inline VF in_register(VF v) {
   return v;
 }
 
-constexpr int64_t ROWS = 4;         // weight rows a block
+// sum_i a[i] b[i]
 inline float dot(const float* a, const float* b, int64_t n) {
   VF acc = zero();
   int64_t i = 0;
@@ -139,19 +140,14 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 4096
-#endif
-#ifndef PREFETCH_LEVEL
-#define PREFETCH_LEVEL 3
-#endif
-constexpr int64_t PREFETCH = PREFETCH_BYTES;  // bytes ahead of the block being read (CXXFLAGS=-DPREFETCH_BYTES=N to try)
+constexpr int64_t ROWS = 4;         // weight rows a block
+constexpr int64_t PREFETCH = 4096;  // bytes ahead of the block being read
 constexpr int64_t GRAIN = 16;       // blocks a thread takes at least
 
 // ask for bytes [from, from + bytes), but none at or past `end` (past a tensor's end it costs and brings nothing)
 inline void prefetch(const void* from, int64_t bytes, const void* end) {
   const char* p = static_cast<const char*>(from);
-  for (int64_t i = 0; i < bytes && p + i < end; i += 64) __builtin_prefetch(p + i, 0, PREFETCH_LEVEL);
+  for (int64_t i = 0; i < bytes && p + i < end; i += 64) __builtin_prefetch(p + i);
 }
 
 void check(const at::Tensor& x, const at::Tensor& weight, int64_t in_bytes, const char* name) {
@@ -247,22 +243,18 @@ struct IntX {
 IntX quantize_x16(const float* xp, int64_t M, int64_t Kp, int64_t G) {
   const int64_t blocks = Kp / 32, groups = Kp / G;
   IntX out{std::vector<int16_t>(M * Kp), std::vector<float>(M * blocks), std::vector<float>(M * groups, 0.0f)};
+  std::vector<float> inverse(blocks);  // 32767 / max |x| of each block (0 for a block of zeros)
   for (int64_t m = 0; m < M; ++m) {
     const float* x = xp + m * Kp;
-    float inverse[2] = {};
     for (int64_t b = 0; b < blocks; ++b) {
       float most = 0.0f, total = 0.0f;
       for (int i = 0; i < 32; ++i) most = std::max(most, std::fabs(x[32 * b + i])), total += x[32 * b + i];
       out.scale[m * blocks + b] = most / 32767.0f;
       out.sums[m * groups + 32 * b / G] += total;
+      inverse[b] = most > 0 ? 32767.0f / most : 0.0f;
     }
     for (int64_t c = 0; c < Kp / 64 + (Kp % 64 != 0); ++c) {  // chunks of 64 features (the last may be 32)
-      const bool half = 64 * c + 64 > Kp;
-      const int lanes = half ? 1 : 2;  // 128-bit halves in this chunk, one block of x each
-      for (int h = 0; h < lanes; ++h) {
-        const float most = out.scale[m * blocks + 2 * c + h] * 32767.0f;
-        inverse[h] = most > 0 ? 32767.0f / most : 0.0f;
-      }
+      const int lanes = 64 * c + 64 > Kp ? 1 : 2;  // 128-bit halves in this chunk, one block of x each
       int16_t* q = out.q.data() + m * Kp + 64 * c;
       const int run = 8 * lanes;  // words per run: 8 per 128-bit half
       for (int parity = 0; parity < 2; ++parity)      // even features (low nibbles), then odd (high)
@@ -271,7 +263,7 @@ IntX quantize_x16(const float* xp, int64_t M, int64_t Kp, int64_t G) {
             for (int k = 0; k < 8; ++k) {
               const int64_t byte = 32 * c + 16 * h + 8 * part + k;  // (a byte index within the row)
               q[(2 * parity + part) * run + 8 * h + k] =
-                  static_cast<int16_t>(std::nearbyint(x[2 * byte + parity] * inverse[h]));
+                  static_cast<int16_t>(std::nearbyint(x[2 * byte + parity] * inverse[2 * c + h]));
             }
     }
   }
@@ -525,7 +517,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attention_norm, c
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   IntX xq;  // (an int4 product's x in 16 bits, made by one thread for all)
   // One team of threads for the whole block, each product split over them by weight rows, the small steps between
-  // on one thread (`single`, which the others wait at): a parallel region a product cost ~10 us of each
+  // on one thread (`single`, which the others wait at); a parallel region per product measured the same
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
