@@ -5,30 +5,39 @@ int4_linear   y[m, n] = sum_k x[m, k] (q[n, k] s[n, g] + mn[n, g])        g = k 
               qweight uint8 [N, K/2], q[n, 2j] = qweight[n, j] & 15, q[n, 2j+1] = qweight[n, j] >> 4; s, mn [N, K/G]
 
 x is [M, K] in bf16, fp16 or fp32, the scales in x's dtype, the output [M, N] in x's dtype; every sum is
-accumulated in float32. Both are custom ops (`llama::int8_linear`, `llama::int4_linear`): inside a compiled graph
-Inductor launches the kernels as they are, with a launch config fixed when the graph is built.
+accumulated in float32 (the gemvs: in int32 over a step, then in float32). Both are custom ops
+(`llama::int8_linear`, `llama::int4_linear`): inside a compiled graph Inductor launches the kernels as they are,
+with a launch config fixed when the graph is built.
 
 A decode step reads every weight once, so these kernels are judged by the weight bytes they stream per second.
 Two kernels per format:
 
 gemv   BLOCK_M = 1, chosen at M = 1. Program (n block, row m, K split): BLOCK_N weight rows walked along K,
-       BLOCK_K features a step, float32 products kept per element and summed once at the end. No tensor cores.
+       BLOCK_K features a step, integer products (below), no tensor cores.
 dot    BLOCK_M >= 16, chosen at M >= 2. Program (n block, m block, K split): each step turns a [BLOCK_N, BLOCK_K]
        weight tile into x's dtype and multiplies it by the [BLOCK_M, BLOCK_K] tile of x with tl.dot, as
        y^T = W x^T (the weight tile is the left operand, which the tensor cores take from registers). Each weight
        is read once per BLOCK_M rows of x.
 
-Unpacking for the gemv and the int8 dot kernel (`_field`). The weights are read as int32 words (the stored bytes
-viewed), 4 int8 or 8 int4 values each, and turned into floats without an int-to-float instruction (Triton casts
-int8 with I2F.S8, one of the conversions the CUDA guide rates at 16 per SM per clock against 128 fmas: 4e12 a
-second on an H100, where an int4 GEMV at 3 TB/s needs 6e12): a field is ORed into the low mantissa bits of the
-float 2^23, whose last place is worth 1, and one fma removes the 2^23 and the field's bit position. Fields are
-taken in place from the low half of a word and from the word shifted down 16 bits, so an int4 weight costs one
-LOP3 and one fma before its product; int8 bytes get their sign bits flipped first, one XOR per word, to read
-q + 128. 16-bit x is loaded as int32 pairs, which the loop pipeline copies ahead with cp.async (2-byte loads it
-would wait for). Compiled for sm_90 by Triton 3.6 (offline, SASS counted), the loops take ~4.5 (int8 gemv),
-4.6-4.9 (int4 gemv) and ~5.5 (int8 dot) instructions per weight. An H100 issues 33e12 a second (132 SMs x 128
-lanes x 1.98 GHz); int4 weights at 80% of 3.35 TB/s are 5.4e12 a second, which leaves 6.2 instructions each.
+The gemvs multiply in integers (`_x16_step`, `_dot2`). The weights are read as int32 words (the stored bytes
+viewed), 4 int8 or 8 int4 values each. A step rounds its BLOCK_K values of x to 16-bit integers against the
+step's largest |x|, x ~ d v with d = max |x| / 32767 (at most 2^-16 of that largest value off; bf16 x itself
+carries 2^-9 of each value), packs them two a word, and one dp2a instruction multiplies a word's two 16-bit
+values by two of a weight word's bytes and adds both products to an int32 sum, exactly: int8 bytes are used as
+they are (2 dp2a a word), int4 words are split into their low and high nibbles by two masks (features 0, 2, 4, 6
+and 1, 3, 5, 7 of the word, each nibble alone in a byte; 4 dp2a a word). The step's int32 sums then take d (and
+for int4, per group, the scale; the minimum multiplies the float sum of x). Compiled for sm_90 by Triton 3.6
+(offline, SASS counted), the loops take ~1.9 (int8) and ~2.4 (int4) instructions per weight, against ~4.3 and
+~4.6 for the float32 loops they replaced (a field ORed into the mantissa of 2^23, one fma to take it out, one
+fma for its product: `_field`, which the int8 dot kernel still uses). On an H100 that made the int4 gemvs 5-18%
+faster and the int8 ones 1-5% (docs/benchmarks.md): the float loops were not bound by instruction issue, as
+counted, but by each kernel's fixed start and end. 16-bit x is loaded as int32 pairs, which the loop pipeline
+copies ahead with cp.async (2-byte loads it would wait for).
+
+Unpacking for the int8 dot kernel (`_field`): Triton casts int8 with I2F.S8, one of the conversions the CUDA
+guide rates at 16 per SM per clock against 128 fmas; instead a field is ORed into the low mantissa bits of the
+float 2^23, whose last place is worth 1, and one fma removes the 2^23 and the field's bit position, after one XOR
+per word that flips every byte's sign bit to read q + 128 (~5.5 instructions per weight in the whole loop).
 
 The int4 dot kernel (`_int4_dot_kernel`) reads qweight as 16-bit units, 4 consecutive features each (nibble t of
 unit i is feature 4i + t), so one [BLOCK_N, BLOCK_K / 4] tile of units gives four weight tiles w_t[n, i] =
@@ -58,9 +67,10 @@ parallel shards, qkv, o and down at 8B), or row blocks of 64. Elsewhere it would
 
 Launch configs (`default_config`; no autotuning, since a compiled graph must launch the same kernel every step,
 chosen without timing anything; each knob is a keyword override, which scripts/quant_kernels_bench.py sweeps):
-  M = 1    gemv: BLOCK_K = 1 KB of each row a step (1024 int8 features; int4: 512 bytes, 1024 features),
-           BLOCK_N = 16 (int4 with N >= 8192: 32), 4 warps (each thread holds 4 rows, so each x value it loads
-           serves 4 weights), 3 pipeline stages (a loop without tl.dot is pipelined only when tl.range asks).
+  M = 1    gemv: BLOCK_K = 1 KB of each row a step (1024 int8 features, 2048 int4 ones; int4 with N >= 8192:
+           512 bytes: on the H100 sweep 1 KB was 3-12% faster at o and down, half a KB 2% at gate_up),
+           BLOCK_N = 16, 4 warps (each thread holds several rows, so each x value it loads and rounds serves
+           several weights), 3 pipeline stages (a loop without tl.dot is pipelined only when tl.range asks).
            BLOCK_N = 8 when N / 16 blocks would leave SMs idle. (The int4 dot kernel at one row, 16 rows of x
            of which one is used, was not faster than this gemv on an H100.)
   M >= 2   int8 dot: BLOCK_M = 16 / 32 / 64 for M up to 16 / 32 / more, BLOCK_N = 64 (one wgmma tile), BLOCK_K =
@@ -147,13 +157,74 @@ def _store(out_ptr, y, m, n, M, N, split):
                  mask=(n[:, None] < N) & (m[None, :] < M))
 
 
+# ---------------------------------------------------------------------------- integer products (the gemvs)
+X16_ROUND = tl.constexpr(12582912.0)  # 1.5 2^23: v + X16_ROUND, a float, holds round(v) in its low 16 bits
+
+
+@triton.jit
+def _x16_step(x_row, i, in_k, LANES: tl.constexpr):
+    """The step's x, 8 (int4) or 4 (int8) features a word: x_t[i] = x[LANES i + t] rounded to 16-bit integers
+    against the step's largest |x|, x_t ~ d v_t with d = max |x| / 32767 and |v_t| <= 32767 (1.5e-5 of the largest
+    value at most: bf16 x itself carries 2^-9 of each value), packed two a word in the order the weights' bytes
+    take them (`_dot2`): -> (the pairs of a word, 4 or 2 of them, d, the float sum of x over each word's features).
+
+    The rounding is one fma: v + 1.5 2^23 is a float whose last place is worth 1, and whose low 16 bits are round(v)
+    in two's complement (the high bits, 0x4B40, are dropped by the packing)."""
+    x0, x1 = _x_value(x_row, i, in_k, 0, LANES), _x_value(x_row, i, in_k, 1, LANES)
+    x2, x3 = _x_value(x_row, i, in_k, 2, LANES), _x_value(x_row, i, in_k, 3, LANES)
+    biggest = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
+    x_sum = (x0 + x1) + (x2 + x3)
+    if LANES == 8:
+        x4, x5 = _x_value(x_row, i, in_k, 4, LANES), _x_value(x_row, i, in_k, 5, LANES)
+        x6, x7 = _x_value(x_row, i, in_k, 6, LANES), _x_value(x_row, i, in_k, 7, LANES)
+        biggest = tl.maximum(biggest, tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)),
+                                                 tl.maximum(tl.abs(x6), tl.abs(x7))))
+        x_sum += (x4 + x5) + (x6 + x7)
+    amax = tl.maximum(tl.max(biggest, axis=0), 1e-30)
+    inv = 32767.0 / amax
+    if LANES == 8:  # int4: the low nibbles of a word are features 0, 2, 4, 6, the high ones 1, 3, 5, 7
+        return (_pair(x0, x2, inv), _pair(x4, x6, inv), _pair(x1, x3, inv), _pair(x5, x7, inv), amax / 32767.0,
+                x_sum)
+    else:  # int8: bytes 0..3 are features 0..3
+        return _pair(x0, x1, inv), _pair(x2, x3, inv), amax / 32767.0, x_sum
+
+
+@triton.jit
+def _pair(a, b, inv):
+    """round(a inv) in the low 16 bits of a word and round(b inv) in the high 16 bits."""
+    ra = tl.fma(a, inv, X16_ROUND).to(tl.int32, bitcast=True)
+    rb = tl.fma(b, inv, X16_ROUND).to(tl.int32, bitcast=True)
+    return (ra & 0xFFFF) | (rb << 16)
+
+
+@triton.jit
+def _dot2(pairs, words, acc, HIGH: tl.constexpr, SIGNED: tl.constexpr, ASM: tl.constexpr):
+    """acc + p0 b[2h] + p1 b[2h + 1], h = HIGH: p0, p1 the signed 16-bit halves of `pairs` (low first), b[j] byte j of
+    `words` (signed for int8, unsigned for int4 nibbles), exact in int32. On a GPU one dp2a instruction (two
+    products and the sum); elsewhere (Triton's interpreter) the same sum spelled out."""
+    if ASM:
+        asm: tl.constexpr = ("dp2a." + ("hi" if HIGH else "lo") + ".s32." + ("s32" if SIGNED else "u32")
+                             + " $0, $1, $2, $3;")
+        return tl.inline_asm_elementwise(asm, "=r,r,r,r", [pairs, words, acc], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        SHIFT: tl.constexpr = 16 if HIGH else 0
+        if SIGNED:
+            b0 = (words << (24 - SHIFT)) >> 24
+            b1 = (words << (16 - SHIFT)) >> 24
+        else:
+            b0 = (words >> SHIFT) & 0xFF
+            b1 = (words >> (SHIFT + 8)) & 0xFF
+        return acc + ((pairs << 16) >> 16) * b0 + (pairs >> 16) * b1
+
+
 # ---------------------------------------------------------------------------- int8
 @triton.jit
-def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x, magic,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr):
     """Program (n block, row m, split): y[m, n] = scale[n] sum_k x[m, k] q[n, k] for BLOCK_N rows n over the split's
-    K range. Word i of a row holds q[n, 4i + t] in byte t; acc[n, i] sums x[m, 4i + t] q[n, 4i + t] over t and the
-    steps."""
+    K range. Word i of a row holds q[n, 4i + t] in byte t; a step multiplies them by x rounded to 16 bits
+    (`_x16_step`), two products an instruction summed exactly in int32 (`_dot2`), and acc[n, i] adds d times
+    that sum."""
     pid_n, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     w_rows = w_ptr + n[:, None].to(tl.int64) * KW  # [BLOCK_N, 1]
@@ -164,9 +235,9 @@ def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, s
         i = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # [BLOCK_K / 4] word index
         in_k = i < KW
         words = tl.load(w_rows + i[None, :], mask=(n[:, None] < N) & in_k[None, :], other=0)
-        low, high = _halves(words, 8)
-        for t in tl.static_range(4):
-            acc = tl.fma(_value(low, high, t, 8, magic), _x_value(x_row, i, in_k, t, 4)[None, :], acc)
+        p01, p23, d, _ = _x16_step(x_row, i, in_k, 4)
+        dot = _dot2(p23[None, :], words, _dot2(p01[None, :], words, 0, False, True, ASM), True, True, ASM)
+        acc = tl.fma(dot.to(tl.float32), d, acc)
     scale = tl.load(scale_ptr + n, mask=n < N, other=0.0).to(tl.float32)
     _store(out_ptr, tl.sum(acc, axis=1) * scale, m, n, M, N, split)
 
@@ -201,11 +272,13 @@ def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, st
 
 # ---------------------------------------------------------------------------- int4
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x, magic,
-                      G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x,
+                      G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                      ASM: tl.constexpr):
     """Program (n block, row m, split): y[m, n] over the split's K range for BLOCK_N rows n. Word i of a row holds
     q[n, 8i + t] in bits 4t..4t+3. A step covers GROUPS whole groups of G / 8 words, or part of one group
-    (WORDS words); per group, y += s sum_k x_k q_k + mn sum_k x_k."""
+    (WORDS words); per group, y += s sum_k x_k q_k + mn sum_k x_k, the first sum over x rounded to 16 bits
+    (`_x16_step`) in int32, two products an instruction (`_dot2`), times d."""
     WORDS: tl.constexpr = min(BLOCK_K, G) // 8  # words of one group in a step
     GROUPS: tl.constexpr = BLOCK_K // (8 * WORDS)
     pid_n, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -224,16 +297,15 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
         ok = row_ok[:, None] & (g < NG)[None, :]
         s = tl.load(scales_ptr + n[:, None] * NG + g[None, :], mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, GROUPS]
         mn = tl.load(mins_ptr + n[:, None] * NG + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        low, high = _halves(words, 4)
-        dots = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)  # [n, i]: sum_t x[8i + t] q[n, 8i + t]
-        x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
-        for t in tl.static_range(8):
-            x_t = _x_value(x_row, i, in_k, t, 8)
-            dots = tl.fma(_value(low, high, t, 4, magic), x_t[None, :], dots)
-            x_sum += x_t
-        dots = tl.sum(tl.reshape(dots, [BLOCK_N, GROUPS, WORDS]), axis=2)  # [BLOCK_N, GROUPS]
+        p0, p1, p2, p3, d, x_sum = _x16_step(x_row, i, in_k, 8)
+        low, high = words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F  # features 8i + 0, 2, 4, 6 and 8i + 1, 3, 5, 7
+        dot = _dot2(p0[None, :], low, 0, False, False, ASM)
+        dot = _dot2(p1[None, :], low, dot, True, False, ASM)
+        dot = _dot2(p2[None, :], high, dot, False, False, ASM)
+        dot = _dot2(p3[None, :], high, dot, True, False, ASM)  # [n, i]: sum_t v_t q[n, 8i + t]
+        dot = tl.sum(tl.reshape(dot, [BLOCK_N, GROUPS, WORDS]), axis=2)  # [BLOCK_N, GROUPS]
         x_sum = tl.sum(tl.reshape(x_sum, [GROUPS, WORDS]), axis=1)  # [GROUPS]
-        total += s * dots + mn * x_sum[None, :]
+        total += s * (dot.to(tl.float32) * d) + mn * x_sum[None, :]
     _store(out_ptr, tl.sum(total, axis=1), m, n, M, N, split)
 
 
@@ -372,8 +444,8 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
     if overrides.get("block_m", block_m) == 1:
         config = dict(block_m=1, block_n=16 if triton.cdiv(N, 16) >= sm_count else 8, block_k=8192 // bits,
                       num_warps=4, num_stages=3)
-        if bits == 4:  # the H100 sweep: half a KB of each row a step, 32 rows from 8k rows on (-1% to -14%)
-            config |= dict(block_k=1024, block_n=32 if N >= 8192 else config["block_n"])
+        if bits == 4:  # the H100 sweep: half a KB of each row a step from 8k rows on, else 1 KB
+            config |= dict(block_k=1024 if N >= 8192 else 2048)
     elif bits == 8:
         config = dict(block_m=block_m, block_n=64, block_k=256 if block_m == 16 else 128, num_warps=4, num_stages=4)
     else:  # int4: two groups a step (one 4-byte load of their scales per row), 64 to 256 features
@@ -430,8 +502,9 @@ def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, block_m: int = 0, blo
     N = weight.shape[0]
     config = default_config(8, M, N, K, _sm_count(x.device), block_m=block_m, block_n=block_n, block_k=block_k,
                             split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    kernel = _int8_gemv_kernel if config["block_m"] == 1 else _int8_dot_kernel
-    return _launch(kernel, x, weight.view(torch.int32), (scale,), N, config, MAGIC)
+    if config["block_m"] == 1:
+        return _launch(_int8_gemv_kernel, x, weight.view(torch.int32), (scale,), N, config, ASM=x.is_cuda)
+    return _launch(_int8_dot_kernel, x, weight.view(torch.int32), (scale,), N, config, MAGIC)
 
 
 @torch.library.triton_op("llama::int4_linear", mutates_args=())
@@ -444,8 +517,8 @@ def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group
                             block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
                             num_stages=num_stages)
     if config["block_m"] == 1:
-        return _launch(_int4_gemv_kernel, x, qweight.view(torch.int32), (scales, mins), N, config, MAGIC,
-                       G=group_size)
+        return _launch(_int4_gemv_kernel, x, qweight.view(torch.int32), (scales, mins), N, config, G=group_size,
+                       ASM=x.is_cuda)
     return _launch(_int4_dot_kernel, x, qweight.view(torch.int16), (scales, mins), N, config, K // group_size,
                    G=group_size, EVEN_K=K % config["block_k"] == 0,
                    ASM=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))

@@ -5,6 +5,7 @@ kernels, alone, at the Llama-3.1-8B and 70B projection shapes and 1, 16 and 64 r
     python scripts/quant_kernels_bench.py --sweep    # + a grid of launch configs per shape and row count
     python scripts/quant_kernels_bench.py --shapes "down 8B,o 70B" --rows 1,16   # some shapes and row counts
     python scripts/quant_kernels_bench.py --sweep --warm 12 --out DIR   # compile in 12 processes first; files
+    python scripts/quant_kernels_bench.py --before OLD.py   # + the kernels of another copy of the module
 
 Each time is replayed from a CUDA graph that cycles through copies of the weights spanning >= 256 MiB, so that no
 weight is served from the 50 MB L2 cache. GB/s counts the bytes of weights, scales and minimums read once per
@@ -18,11 +19,14 @@ and tinygemm's torch._weight_int4pack_mm (group 128, innerKTiles 8, weights repa
 where this torch build has them for CUDA (--no-torch-ops leaves them out). The sweep times, per (kernel, shape,
 rows), every config of a grid around `default_config`, checks each one's output against the reference, and
 prints the default's time and the best config's; --out DIR writes every config's time to DIR/sweep.txt.
+--before FILE times the int8 and int4 ops of another version of llama/quant_kernels.py (e.g. `git show
+HEAD~1:llama/quant_kernels.py > OLD.py`) beside ours, in the same run, with their own default configs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import subprocess
 import sys
@@ -109,6 +113,20 @@ class Method:
         return max_error(self.call(x, self.weights[0], **config), ref)
 
 
+def load_before(path: str):
+    """Another version of llama/quant_kernels.py as a module, its ops registered as llama_before::*."""
+    source = Path(path).read_text().replace('"llama::', '"llama_before::')
+    copy = Path(path).with_name("quant_kernels_before_copy.py")
+    copy.write_text(source)  # Triton reads a kernel's source from its file
+    spec = importlib.util.spec_from_file_location("quant_kernels_before", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BEFORE = None  # the module of --before
+
+
 def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[str]) -> list[Method]:
     q8 = int8_weights(N, K)
     deq8 = (q8[0][0].float() * q8[0][1].float()[:, None]).to(bf16)
@@ -118,6 +136,8 @@ def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[st
         Method("bf16 F.linear", lambda x, w: F.linear(x, w), dense, nbytes(dense[0]), deq8),
         Method("int8_linear", lambda x, w, **c: int8_linear(x, *w, **c), q8, nbytes(*q8[0]), deq8, bits=8),
     ]
+    if BEFORE is not None:
+        methods.append(Method("int8 before", lambda x, w: BEFORE.int8_linear(x, *w), q8, nbytes(*q8[0]), deq8))
     if torch_ops:
         methods.append(Method("int8 torch", lambda x, w: torch._weight_int8pack_mm(x, *w), q8, nbytes(*q8[0]), deq8))
     if with_int4:
@@ -126,6 +146,9 @@ def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[st
             deq4 = dequantize_int4(*q4[0], G).to(bf16)
             methods.append(Method(f"int4_linear g{G}", lambda x, w, G=G, **c: int4_linear(x, *w, G, **c), q4,
                                   nbytes(*q4[0]), deq4, bits=4, group=G))
+            if BEFORE is not None:
+                methods.append(Method(f"int4 g{G} before", lambda x, w, G=G: BEFORE.int4_linear(x, *w, G), q4,
+                                      nbytes(*q4[0]), deq4))
         if torch_ops:
             try:
                 tiny = tinygemm_weights(q4, 128)
@@ -162,7 +185,9 @@ def sweep_grid(bits: int, M: int, group: int = 0) -> list[dict[str, int]]:
         if M == 1:
             return [dict(block_m=1, block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=sk)
                     for bn, k, w, s, sk in [(16, 1024, 4, 3, 0), (8, 1024, 2, 3, 0), (16, 512, 4, 3, 0),
-                                            (32, 512, 4, 3, 0), (16, 1024, 4, 4, 0), (16, 512, 4, 3, 2)]]
+                                            (32, 512, 4, 3, 0), (16, 1024, 4, 4, 0), (16, 512, 4, 3, 2),
+                                            (32, 1024, 4, 3, 0), (16, 2048, 4, 3, 0), (32, 1024, 8, 3, 0),
+                                            (8, 2048, 4, 3, 0), (16, 1024, 4, 3, 2)]]
         return [dict(block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=sk)
                 for bn, k, w, s, sk in [(64, 128, 4, 4, 0), (64, 256, 4, 4, 0), (128, 128, 8, 4, 0),
                                         (64, 256, 4, 3, 0), (64, 128, 4, 4, 8)]]
@@ -177,8 +202,11 @@ def sweep_grid(bits: int, M: int, group: int = 0) -> list[dict[str, int]]:
     if group >= 128:  # a step of one group: one 2-byte scale per row
         grid.append(dict(block_m=bm, block_n=64, block_k=group, num_warps=2, num_stages=3, split_k=0))
     if M == 1:  # the CUDA-core gemv
-        grid += [dict(block_m=1, block_n=bn, block_k=1024, num_warps=4, num_stages=3, split_k=sk)
-                 for bn, sk in ((16, 0), (32, 0), (16, 2))]
+        return [dict(block_m=1, block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=sk)
+                for bn, k, w, s, sk in [(16, 1024, 4, 3, 0), (32, 1024, 4, 3, 0), (64, 1024, 4, 3, 0),
+                                        (16, 2048, 4, 3, 0), (32, 2048, 4, 3, 0), (32, 1024, 8, 3, 0),
+                                        (32, 512, 4, 4, 0), (16, 1024, 4, 4, 0), (8, 2048, 4, 3, 0),
+                                        (16, 1024, 4, 3, 2), (32, 1024, 4, 3, 2)]]
     return grid
 
 
@@ -295,7 +323,11 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=0, help="compile every kernel first, in this many processes")
     parser.add_argument("--warm-worker", default="", help=argparse.SUPPRESS)  # i/n: compile every n-th call
     parser.add_argument("--out", default="", help="a folder for the full sweep (sweep.txt) and the table")
+    parser.add_argument("--before", default="", help="another version of llama/quant_kernels.py to time beside")
     args = parser.parse_args()
+    if args.before:
+        global BEFORE
+        BEFORE = load_before(args.before)
     rows = [int(r) for r in args.rows.split(",")]
     if args.warm_worker:
         i, n = map(int, args.warm_worker.split("/"))
