@@ -211,8 +211,9 @@ class PrefillGraphs:
     compiled for ~75 s a bucket; these graphs record the layers already compiled, in the time of two prefills.
 
     A bucket is n prompts rounded up to a power of two (the extra rows repeat the first prompt into its own cache
-    row: the same values written twice) by T tokens rounded up to a power of two of at least 16, at most the
-    cache's length, and for a decode step that they join, its B rows. The positions past a prompt's end hold
+    row: the same values written twice) by T tokens rounded up to a power of two or 1.5 times one, at least 16
+    and at most the cache's length (so at most a third of a bucket's tokens pad), and for a decode step that they
+    join, its B rows. The positions past a prompt's end hold
     padding: causal attention keeps it from the prompt's own tokens, and the keys and values it leaves in the cache
     lie past the row's position, where its decode steps write before they read. A bucket of more than `max_tokens`
     prompt tokens runs without a graph: its GPU time hides the launches. With `record=False` (the CPU tests of the
@@ -239,17 +240,17 @@ class PrefillGraphs:
                temperature: Tensor | None, top_k: Tensor | None, joining: Joining) -> Tensor:
         """`generate.decode_step` with prompts joining, choosing the tokens (`generate.pick`): -> tokens [B + n].
 
-        At least 2 prompts (the first repeated) and, from the scheduler, 2 rows: the layers, compiled for every size
-        (`compile_layers`), would otherwise compile again for a size of 1 (Dynamo specializes sizes 0 and 1),
-        seconds in the middle of serving the first time a prompt joins alone. A bucket too large for a graph runs
-        padded all the same, for that reason. (Used with `Scheduler(join=True)`, off by default: docs/benchmarks.md,
-        "Serving", says why.)"""
+        From the scheduler, at least 2 rows: the layers, compiled for every size (`compile_layers`), compile a size
+        of 1 apart (Dynamo specializes sizes 0 and 1). One prompt joining is that size too: `Scheduler.warm_up`
+        compiles it, and two prompts, before serving (each takes seconds, in which every row would wait). A bucket
+        too large for a graph runs padded all the same. (Used with `Scheduler(join=True)`: docs/benchmarks.md,
+        "Serving".)"""
         if token.is_cuda:
             from llama.kernels import kth_largest as kth  # (needs Triton, so only here)
         else:
             kth = generate.kth_largest
         B, (n, T) = token.shape[0], joining.tokens.shape
-        N, L = self._shape(model, n, T, fewest=2)
+        N, L = self._shape(model, n, T)
         inputs = _padded_prompts(joining, N, L)
         every = torch.cat([torch.arange(B, device=token.device), B + inputs.pop("pick")])  # [B + N]
         inputs |= dict(token=token, position=position,
@@ -262,10 +263,13 @@ class PrefillGraphs:
 
         return self._run((B, N, L), inputs, step, use_graph=N * L <= self.max_tokens)[:B + n]
 
-    def _shape(self, model: Transformer, n: int, T: int, fewest: int = 1) -> tuple[int, int]:
-        N = max(fewest, 1 << (n - 1).bit_length())
-        L = min(model.layers[0].attention.cache.k.shape[2], max(16, 1 << (T - 1).bit_length()))
-        return N, L
+    def _shape(self, model: Transformer, n: int, T: int) -> tuple[int, int]:
+        N = 1 << (n - 1).bit_length()
+        T = max(T, 16)
+        L = 1 << (T - 1).bit_length()  # T <= L, a power of two; 3 L / 4 when that holds T too
+        if 3 * L // 4 >= T:
+            L = 3 * L // 4
+        return N, min(model.layers[0].attention.cache.k.shape[2], L)
 
     def _run(self, key: tuple[int, int, int], inputs: dict[str, Tensor], run: Callable[[dict[str, Tensor]], Tensor],
              use_graph: bool = True) -> Tensor:

@@ -331,9 +331,9 @@ def timing_steps(engine) -> list[tuple[float, str]]:
 
 ADMISSIONS = {  # how new requests are prefilled: (from CUDA graphs, inside a decode step, steps a lone one waits)
     "launched": (False, False, 0),  # apart, their kernels launched one by one
-    "apart": (True, False, 0),  # apart, replayed from a CUDA graph of their bucket (api.PrefillGraphs); the default
+    "apart": (True, False, 0),  # apart, replayed from a CUDA graph of their bucket (api.PrefillGraphs)
     "grouped": (True, False, 8),  # apart, from a graph; a lone one waits up to 8 steps for company (Scheduler.hold)
-    "joined": (True, True, 0),  # inside the next decode step, from a graph (model.Joining; Scheduler(join=True))
+    "joined": (True, True, 0),  # inside the next decode step, from a graph (model.Joining); `llama serve`'s on a GPU
 }
 
 
@@ -480,7 +480,7 @@ def main() -> None:
     parser.add_argument("--variants", default="1:0.005",
                         help="runs in turn, PROCESSES:SECONDS,...: the clients spread over this many processes (one "
                              "Python process parses ~10k chunks/s at most), the server's sys.setswitchinterval")
-    parser.add_argument("--admission", default="apart",
+    parser.add_argument("--admission", default="joined",
                         help=f"how new requests are prefilled, {', '.join(ADMISSIONS)} (see ADMISSIONS); "
                              "several, comma-separated: the server runs with each in turn (and with --compare, "
                              "the scheduler alone first, once with each)")

@@ -184,7 +184,7 @@ class _PaddedPrefills:
 
 
 def test_prefills_padded_to_graph_buckets_leave_every_answer_as_it_was(llm, checkpoint):
-    """Prompts padded to 16/32 tokens, 3 prompts admitted at once padded to 4 rows (the 4th repeating the first):
+    """Prompts padded to 16/24 tokens, 3 prompts admitted at once padded to 4 rows (the 4th repeating the first):
     every request, those already decoding beside them included, still gets transformers' solo tokens."""
     llm.model.setup_cache(5, 128)
     decode = _PaddedPrefills(llm._decode_step)
@@ -197,7 +197,7 @@ def test_prefills_padded_to_graph_buckets_leave_every_answer_as_it_was(llm, chec
     last = s.submit(Request(prompts[4], 8))
     jobs = [first, *rest, last]
     run(s, jobs)
-    assert set(decode.graphs.buckets) == {(0, 1, 16), (0, 4, 32)}  # (the 5th joined alone, into a 16-token bucket)
+    assert set(decode.graphs.buckets) == {(0, 1, 16), (0, 4, 24)}  # (the 5th joined alone, into a 16-token bucket)
     for job, ids in zip(jobs, prompts):
         assert job.output.token_ids == transformers_greedy(checkpoint[1], ids, job.request.max_new_tokens)
 
@@ -259,10 +259,10 @@ def test_a_joined_step_padded_to_a_graph_bucket_chooses_and_writes_as_unpadded(l
                 for row, length in zip(rows, lengths):
                     torch.testing.assert_close(saved[row, :, :length], now[row, :, :length])
     assert set(graphs.buckets) == {(3, 2, 16), (3, 4, 16)}
-    alone = Joining(tokens[:1], joining.rows[:1], joining.logits_at[:1])  # one prompt: padded to 2
+    alone = Joining(tokens[:1], joining.rows[:1], joining.logits_at[:1])  # one prompt: a bucket of one
     padded = graphs.joined(model, token[:1], position[:1], None, None, None, alone)
     assert padded.tolist() == decode_step(model, token[:1], position[:1], True, joining=alone).tolist()
-    assert (1, 2, 16) in graphs.buckets
+    assert (1, 1, 16) in graphs.buckets
 
 
 def test_a_joining_request_that_ends_at_its_first_token_frees_its_row(llm, checkpoint):
