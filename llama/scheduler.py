@@ -487,10 +487,10 @@ class Scheduler:
     @torch.inference_mode()
     def warm_up(self, report: Callable[[str], None] = lambda line: None) -> None:
         """Compile, and record as a CUDA graph, the decode step of each of `batch_sizes` now, where the step is
-        compiled on a GPU; with `join`, also a step that one prompt joins and one that two join (the layers compile
-        one prompt apart, `api.PrefillGraphs.joined`). A shape first met while serving would stop every row while
-        it compiles: up to a minute for the 8B shape on an H100 (docs/benchmarks.md, Serving). `report` gets a line
-        per shape."""
+        compiled on a GPU, and the prefills of one prompt and of two (the layers, compiled for every length, compile
+        a size of 1 apart), with `join` also the steps that one and two prompts join (`api.PrefillGraphs.joined`).
+        A shape first met while serving would stop every row while it compiles: up to a minute for the 8B shape on
+        an H100, ~15 s for a prefill's (docs/benchmarks.md, Serving). `report` gets a line per shape."""
         if not (getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda"):
             return
         sizes = self.batch_sizes()
@@ -504,15 +504,18 @@ class Scheduler:
             torch.cuda.synchronize(self.device)
             report(f"decode step for {B} rows ready in {time.perf_counter() - start:.1f} s")
         B = self._batch_size(2)
-        for n in (1, 2) if self.join else ():
+        for n in (1, 2):  # (prompts of 16 tokens, into rows no request holds yet)
             start = time.perf_counter()
-            params, top_k = self._params([None] * (B + n))
-            prompts = torch.zeros(n, 16, dtype=torch.long, device=self.device)  # (into rows no request holds yet)
-            joining = Joining(prompts, torch.arange(n, device=self.device), torch.full_like(prompts[:, 0], 15))
-            self.decode(self.model, self.tokens[:B, None], self.positions[:B, None], True, None, params.temperature,
-                        top_k, span=64, joining=joining)
+            prompts = torch.zeros(n, 16, dtype=torch.long, device=self.device)
+            rows, last = torch.arange(n, device=self.device), torch.full_like(prompts[:, 0], 15)
+            self.prefill(self.model, prompts, last, rows)
+            if self.join:
+                params, top_k = self._params([None] * (B + n))
+                self.decode(self.model, self.tokens[:B, None], self.positions[:B, None], True, None,
+                            params.temperature, top_k, span=64, joining=Joining(prompts, rows, last))
             torch.cuda.synchronize(self.device)
-            report(f"decode step that {n} prompt(s) join ready in {time.perf_counter() - start:.1f} s")
+            report(f"prefill{' and decode step' if self.join else ''} of {n} prompt(s) ready in "
+                   f"{time.perf_counter() - start:.1f} s")
         self._row_params = None
 
     def _params(self, rows: list[Job | None]) -> tuple[RowParams, Tensor]:
