@@ -139,7 +139,7 @@ def check_prefill_graphs(llm: Llama, tokens: torch.Tensor, fp32: torch.Tensor, b
                           for saved, now in zip(pair, (layer.attention.cache.k, layer.attention.cache.v))
                           for i, length in enumerate(lengths))
         error, plain_error = relative_error(graph, reference), relative_error(plain, reference)
-        bucket = (0, 1 << (n - 1).bit_length(), max(16, 1 << (T - 1).bit_length()))
+        bucket = (0, *graphs._shape(model, n, T))
         print(f"| {n} prompts of {lengths} tokens, bucket {bucket[1:]} | {error:.2e} | {error / baseline:.2f} | "
               f"{plain_error:.2e} | {cache_error:.2e} |")
         ok &= error <= 1.5 * baseline and cache_error <= baseline and graphs.buckets[bucket].graph is not None
