@@ -195,10 +195,9 @@ class Scheduler:
         self.slots, self.length = cache.k.shape[0], cache.k.shape[2]
         self.device = model.embed_tokens.weight.device
         # New prompts may join a decode step (`_may_join`): on a GPU the step reads every weight once for a few rows
-        # and the prompts' tokens ride along (a CPU computes each token's products anyway). Off unless asked for:
-        # on an H100 it took the scheduler alone from 0.79 to 0.81-0.87 of the static batch's tok/s, but the server
-        # collapsed under it; the collapse was traced since to compilations mid-run (now made first, `warm_up`),
-        # and the server has not been measured with it again (docs/benchmarks.md, "Serving").
+        # and the prompts' tokens ride along (a CPU computes each token's products anyway). Off unless asked for;
+        # `llama serve` asks on a compiled GPU: on an H100, 8B shape, 64 clients got 0.81-0.84 of the static
+        # batch's tok/s joined against 0.77 apart (docs/benchmarks.md, "Serving").
         self.join = join
         # A lone new request may wait up to `hold` steps for another to be prefilled with, while at least HOLD_ROWS
         # rows decode: a prefill of one prompt costs about a decode step of all of them (on an H100, 8B shape: ~8
