@@ -29,10 +29,11 @@ and 1, 3, 5, 7 of the word, each nibble alone in a byte; 4 dp2a a word). The ste
 for int4, per group, the scale; the minimum multiplies the float sum of x). Compiled for sm_90 by Triton 3.6
 (offline, SASS counted), the loops take ~1.9 (int8) and ~2.4 (int4) instructions per weight, against ~4.3 and
 ~4.6 for the float32 loops they replaced (a field ORed into the mantissa of 2^23, one fma to take it out, one
-fma for its product: `_field`, which the int8 dot kernel still uses). On an H100 that made the int4 gemvs 5-18%
-faster and the int8 ones 1-5% (docs/benchmarks.md): the float loops were not bound by instruction issue, as
-counted, but by each kernel's fixed start and end. 16-bit x is loaded as int32 pairs, which the loop pipeline
-copies ahead with cp.async (2-byte loads it would wait for).
+fma for its product: `_field`, which the int8 dot kernel still uses). On an H100 that made the int4 gemvs 2-14%
+faster (10% over a layer's four) and the int8 ones 1-4% (docs/benchmarks.md): issue was not what bound the
+float loops; each kernel's fixed start and end weigh more (qkv's 14 MB at 8B, 4.7 µs at the copy rate, take 9.2
+µs). 16-bit x is loaded as int32 pairs, which the loop pipeline copies ahead with cp.async (2-byte loads it would
+wait for).
 
 Unpacking for the int8 dot kernel (`_field`): Triton casts int8 with I2F.S8, one of the conversions the CUDA
 guide rates at 16 per SM per clock against 128 fmas; instead a field is ORed into the low mantissa bits of the
