@@ -503,17 +503,19 @@ class Scheduler:
             torch.cuda.synchronize(self.device)
             report(f"decode step for {B} rows ready in {time.perf_counter() - start:.1f} s")
         B = self._batch_size(2)
-        for n in (1, 2):  # (prompts of 16 tokens, into rows no request holds yet)
+        joins = self.join and B > 1  # (a step that prompts join has 2 rows at least)
+        T = min(16, self.length)
+        for n in (1, 2)[:self.slots]:  # (prompts of T tokens, into rows no request holds yet)
             start = time.perf_counter()
-            prompts = torch.zeros(n, 16, dtype=torch.long, device=self.device)
-            rows, last = torch.arange(n, device=self.device), torch.full_like(prompts[:, 0], 15)
+            prompts = torch.zeros(n, T, dtype=torch.long, device=self.device)
+            rows, last = torch.arange(n, device=self.device), torch.full_like(prompts[:, 0], T - 1)
             self.prefill(self.model, prompts, last, rows)
-            if self.join:
+            if joins:
                 params, top_k = self._params([None] * (B + n))
                 self.decode(self.model, self.tokens[:B, None], self.positions[:B, None], True, None,
                             params.temperature, top_k, span=64, joining=Joining(prompts, rows, last))
             torch.cuda.synchronize(self.device)
-            report(f"prefill{' and decode step' if self.join else ''} of {n} prompt(s) ready in "
+            report(f"prefill{' and decode step' if joins else ''} of {n} prompt(s) ready in "
                    f"{time.perf_counter() - start:.1f} s")
         self._row_params = None
 
