@@ -29,13 +29,13 @@ and 1, 3, 5, 7 of the word, each nibble alone in a byte; 4 dp2a a word). The ste
 for int4, per group, the scale; the minimum multiplies the float sum of x). Compiled for sm_90 by Triton 3.6
 (offline, SASS counted), the loops take ~1.9 (int8) and ~2.4 (int4) instructions per weight, against ~4.3 and
 ~4.6 for the float32 loops they replaced (a field ORed into the mantissa of 2^23, one fma to take it out, one
-fma for its product: `_field`, which the int8 dot kernel still uses). On an H100 that made the int4 gemvs 2-14%
+fma for its product: `_byte`, which the int8 dot kernel still uses). On an H100 that made the int4 gemvs 2-14%
 faster (10% over a layer's four) and the int8 ones 1-4% (docs/benchmarks.md): issue was not what bound the
 float loops; each kernel's fixed start and end weigh more (qkv's 14 MB at 8B, 4.7 µs at the copy rate, take 9.2
 µs). 16-bit x is loaded as int32 pairs, which the loop pipeline copies ahead with cp.async (2-byte loads it would
 wait for).
 
-Unpacking for the int8 dot kernel (`_field`): Triton casts int8 with I2F.S8, one of the conversions the CUDA
+Unpacking for the int8 dot kernel (`_byte`): Triton casts int8 with I2F.S8, one of the conversions the CUDA
 guide rates at 16 per SM per clock against 128 fmas; instead a field is ORed into the low mantissa bits of the
 float 2^23, whose last place is worth 1, and one fma removes the 2^23 and the field's bit position, after one XOR
 per word that flips every byte's sign bit to read q + 128 (~5.5 instructions per weight in the whole loop).
@@ -97,39 +97,36 @@ import triton.language as tl
 from torch import Tensor
 
 CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
-MAGIC = 0x4B000000  # the bits of the float32 2^23 (`_field`)
+MAGIC = 0x4B000000  # the bits of the float32 2^23 (`_byte`)
 
 
 # ---------------------------------------------------------------------------- unpacking
 @triton.jit
-def _field(words, POS: tl.constexpr, BITS: tl.constexpr, magic):
-    """The BITS-wide field at bit POS of each int32 word as a float32 integer (POS + BITS <= 16): for int8 the
-    words come with every byte's sign bit flipped (`_halves`), so that a byte reads q + 128 in 0..255 (two's
-    complement), and q = -128..127 comes out; int4 fields are q = 0..15. magic = 0x4B000000, the bits of 2^23.
+def _byte(words, POS: tl.constexpr, magic):
+    """The byte at bit POS (0 or 8) of each int32 word as a float32 integer: the words come with every byte's sign
+    bit flipped (`_halves`), so that a byte reads q + 128 in 0..255, and q = -128..127 comes out. magic =
+    0x4B000000, the bits of 2^23.
 
-    The float with bits magic | v is 2^23 + v (its last mantissa bit is worth 1), so with the field left in place,
+    The float with bits magic | v is 2^23 + v (its last mantissa bit is worth 1), so with the byte left in place,
     f = 2^23 + v 2^POS, and v = f 2^-POS - 2^(23 - POS), exact in one fma. magic is a run-time argument, not a
     constant: ptxas then keeps it in a register instead of re-creating the mask before every LOP3 (which takes
-    one immediate), 0.5 of ~4.5 instructions per weight."""
-    f = ((words & (((1 << BITS) - 1) << POS)) | magic).to(tl.float32, bitcast=True)
-    offset: tl.constexpr = 128.0 if BITS == 8 else 0.0
-    return tl.fma(f, 1.0 / (1 << POS), -(8388608.0 / (1 << POS) + offset))
+    one immediate)."""
+    f = ((words & (0xFF << POS)) | magic).to(tl.float32, bitcast=True)
+    return tl.fma(f, 1.0 / (1 << POS), -(8388608.0 / (1 << POS) + 128.0))
 
 
 @triton.jit
-def _halves(words, BITS: tl.constexpr):
-    """(low, high): the words ready for `_value`, the high 16 bits moved down in `high`; for int8, every byte's
-    sign bit flipped first (one instruction per 4 weights)."""
-    if BITS == 8:
-        words = words ^ -0x7F7F7F80  # 0x80808080 as an int32
+def _halves(words):
+    """(low, high): int8 words ready for `_value`, every byte's sign bit flipped (one instruction per 4 weights),
+    the high 16 bits moved down in `high`."""
+    words = words ^ -0x7F7F7F80  # 0x80808080 as an int32
     return words, words >> 16
 
 
 @triton.jit
-def _value(low, high, t: tl.constexpr, BITS: tl.constexpr, magic):
-    """Value t of the 32 / BITS packed in each int32 word (lowest bits first) as float32, from `_halves`."""
-    LANES: tl.constexpr = 32 // BITS
-    return _field(low if t < LANES // 2 else high, BITS * (t % (LANES // 2)), BITS, magic)
+def _value(low, high, t: tl.constexpr, magic):
+    """Byte t of each int32 word (lowest first) as float32, from `_halves`."""
+    return _byte(low if t < 2 else high, 8 * (t % 2), magic)
 
 
 @triton.jit
@@ -260,9 +257,9 @@ def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, st
         words = tl.load(w_rows + i[None, :], mask=(n[:, None] < N) & (i < KW)[None, :], other=0)
         k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         x = tl.load(x_rows + k[None, :], mask=(m[:, None] < M) & (k < KW * 4)[None, :], other=0.0)
-        low, high = _halves(words, 8)
-        q0, q1 = _value(low, high, 0, 8, magic).to(x.dtype), _value(low, high, 1, 8, magic).to(x.dtype)
-        q2, q3 = _value(low, high, 2, 8, magic).to(x.dtype), _value(low, high, 3, 8, magic).to(x.dtype)
+        low, high = _halves(words)
+        q0, q1 = _value(low, high, 0, magic).to(x.dtype), _value(low, high, 1, magic).to(x.dtype)
+        q2, q3 = _value(low, high, 2, magic).to(x.dtype), _value(low, high, 3, magic).to(x.dtype)
         # tl.join adds a last dim of 2 within each thread: w[n, i, a, c] = value 2a + c of word i, which the
         # reshape puts at k = 4i + 2a + c. int8 values are exact in bf16 and fp16.
         w = tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), [BLOCK_N, BLOCK_K])
