@@ -234,7 +234,8 @@ def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, s
         in_k = i < KW
         words = tl.load(w_rows + i[None, :], mask=(n[:, None] < N) & in_k[None, :], other=0)
         p01, p23, d, _ = _x16_step(x_row, i, in_k, 4)
-        dot = _dot2(p23[None, :], words, _dot2(p01[None, :], words, 0, False, True, ASM), True, True, ASM)
+        dot = _dot2(p01[None, :], words, 0, False, True, ASM)  # bytes 0, 1
+        dot = _dot2(p23[None, :], words, dot, True, True, ASM)  # bytes 2, 3
         acc = tl.fma(dot.to(tl.float32), d, acc)
     scale = tl.load(scale_ptr + n, mask=n < N, other=0.0).to(tl.float32)
     _store(out_ptr, tl.sum(acc, axis=1) * scale, m, n, M, N, split)

@@ -513,7 +513,8 @@ class Scheduler:
             if joins:
                 params, top_k = self._params([None] * (B + n))
                 self.decode(self.model, self.tokens[:B, None], self.positions[:B, None], True, None,
-                            params.temperature, top_k, span=64, joining=Joining(prompts, rows, last))
+                            params.temperature, top_k, span=64,  # (any span past 1: a size of 1 compiles apart)
+                            joining=Joining(prompts, rows, last))
             torch.cuda.synchronize(self.device)
             report(f"prefill{' and decode step' if joins else ''} of {n} prompt(s) ready in "
                    f"{time.perf_counter() - start:.1f} s")

@@ -30,6 +30,7 @@ import importlib.util
 import math
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,18 +117,16 @@ class Method:
 def load_before(path: str):
     """Another version of llama/quant_kernels.py as a module, its ops registered as llama_before::*."""
     source = Path(path).read_text().replace('"llama::', '"llama_before::')
-    copy = Path(path).with_name("quant_kernels_before_copy.py")
-    copy.write_text(source)  # Triton reads a kernel's source from its file
+    copy = Path(tempfile.mkdtemp()) / "quant_kernels_before.py"
+    copy.write_text(source)  # (Triton reads a kernel's source from its file)
     spec = importlib.util.spec_from_file_location("quant_kernels_before", copy)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-BEFORE = None  # the module of --before
-
-
-def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[str]) -> list[Method]:
+def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[str], before=None) -> list[Method]:
+    """Every method at one shape; `before`: the module of --before, whose ops join them."""
     q8 = int8_weights(N, K)
     deq8 = (q8[0][0].float() * q8[0][1].float()[:, None]).to(bf16)
     dense = [torch.randn(N, K, device=dev, dtype=bf16) * 0.02 for _ in range(copies(2 * N * K))]
@@ -136,8 +135,8 @@ def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[st
         Method("bf16 F.linear", lambda x, w: F.linear(x, w), dense, nbytes(dense[0]), deq8),
         Method("int8_linear", lambda x, w, **c: int8_linear(x, *w, **c), q8, nbytes(*q8[0]), deq8, bits=8),
     ]
-    if BEFORE is not None:
-        methods.append(Method("int8 before", lambda x, w: BEFORE.int8_linear(x, *w), q8, nbytes(*q8[0]), deq8))
+    if before is not None:
+        methods.append(Method("int8 before", lambda x, w: before.int8_linear(x, *w), q8, nbytes(*q8[0]), deq8))
     if torch_ops:
         methods.append(Method("int8 torch", lambda x, w: torch._weight_int8pack_mm(x, *w), q8, nbytes(*q8[0]), deq8))
     if with_int4:
@@ -146,8 +145,8 @@ def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[st
             deq4 = dequantize_int4(*q4[0], G).to(bf16)
             methods.append(Method(f"int4_linear g{G}", lambda x, w, G=G, **c: int4_linear(x, *w, G, **c), q4,
                                   nbytes(*q4[0]), deq4, bits=4, group=G))
-            if BEFORE is not None:
-                methods.append(Method(f"int4 g{G} before", lambda x, w, G=G: BEFORE.int4_linear(x, *w, G), q4,
+            if before is not None:
+                methods.append(Method(f"int4 g{G} before", lambda x, w, G=G: before.int4_linear(x, *w, G), q4,
                                       nbytes(*q4[0]), deq4))
         if torch_ops:
             try:
@@ -191,6 +190,12 @@ def sweep_grid(bits: int, M: int, group: int = 0) -> list[dict[str, int]]:
         return [dict(block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=sk)
                 for bn, k, w, s, sk in [(64, 128, 4, 4, 0), (64, 256, 4, 4, 0), (128, 128, 8, 4, 0),
                                         (64, 256, 4, 3, 0), (64, 128, 4, 4, 8)]]
+    if M == 1:  # int4, the CUDA-core gemv
+        return [dict(block_m=1, block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=sk)
+                for bn, k, w, s, sk in [(16, 1024, 4, 3, 0), (32, 1024, 4, 3, 0), (64, 1024, 4, 3, 0),
+                                        (16, 2048, 4, 3, 0), (32, 2048, 4, 3, 0), (32, 1024, 8, 3, 0),
+                                        (32, 512, 4, 4, 0), (16, 1024, 4, 4, 0), (8, 2048, 4, 3, 0),
+                                        (16, 1024, 4, 3, 2), (32, 1024, 4, 3, 2)]]
     # int4: the tensor-core kernel, with 1-2 warps (mma.sync) or 4-8 (wgmma), two groups a step (block_k = 2 G)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
     mma = [(32, 1, 3), (32, 1, 4), (64, 1, 3), (64, 2, 3), (64, 2, 4), (128, 2, 3)]
@@ -201,12 +206,6 @@ def sweep_grid(bits: int, M: int, group: int = 0) -> list[dict[str, int]]:
             for bn, w, s in mma + wgmma for sk in ((0, 1, 2, 4) if bm == 16 else (0, 1, 2))]
     if group >= 128:  # a step of one group: one 2-byte scale per row
         grid.append(dict(block_m=bm, block_n=64, block_k=group, num_warps=2, num_stages=3, split_k=0))
-    if M == 1:  # the CUDA-core gemv
-        return [dict(block_m=1, block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=sk)
-                for bn, k, w, s, sk in [(16, 1024, 4, 3, 0), (32, 1024, 4, 3, 0), (64, 1024, 4, 3, 0),
-                                        (16, 2048, 4, 3, 0), (32, 2048, 4, 3, 0), (32, 1024, 8, 3, 0),
-                                        (32, 512, 4, 4, 0), (16, 1024, 4, 4, 0), (8, 2048, 4, 3, 0),
-                                        (16, 1024, 4, 3, 2), (32, 1024, 4, 3, 2)]]
     return grid
 
 
@@ -325,9 +324,7 @@ def main() -> None:
     parser.add_argument("--out", default="", help="a folder for the full sweep (sweep.txt) and the table")
     parser.add_argument("--before", default="", help="another version of llama/quant_kernels.py to time beside")
     args = parser.parse_args()
-    if args.before:
-        global BEFORE
-        BEFORE = load_before(args.before)
+    before = load_before(args.before) if args.before else None
     rows = [int(r) for r in args.rows.split(",")]
     if args.warm_worker:
         i, n = map(int, args.warm_worker.split("/"))
@@ -358,7 +355,7 @@ def main() -> None:
     for shape, N, K, with_int4 in SHAPES:
         if chosen and shape not in chosen:
             continue
-        methods = methods_for(N, K, with_int4, not args.no_torch_ops, notes)
+        methods = methods_for(N, K, with_int4, not args.no_torch_ops, notes, before)
         xs = {M: torch.randn(M, K, device=dev, dtype=bf16) for M in rows}
         for i, method in enumerate(methods):
             label = f"{shape:<11} {N:6d} {K:6d}" if i == 0 else " " * 25
