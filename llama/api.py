@@ -383,7 +383,9 @@ class Llama:
             compile_layers(model)
             if model.embed_tokens.weight.is_cuda:
                 model.use_triton_kernels()
-        if not model.embed_tokens.weight.is_cuda:
+        if model.embed_tokens.weight.is_cuda:
+            quant.fuse_gpu_decode(model)
+        else:
             quant.fuse_cpu_decode(model)
         self.config: ModelConfig = config or model.config  # the whole model's shape
         self.tokenizer = tokenizer

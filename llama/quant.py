@@ -177,6 +177,20 @@ class QuantizedLinear(nn.Module):
             y = F.linear(x, self.dequantized().to(x.dtype))
         return y if self.bias is None else y + self.bias
 
+    def fused(self, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
+        """residual + self(norm(x)), norm an RMSNorm (either may be None). On a GPU, for one row, the kernel takes
+        both in: it sums the norm's statistic as it walks x and multiplies x by the norm's weight on the way, and
+        adds the residual before its output is rounded (quant_kernels, `_finish`), so that a decode step's norms
+        and residual adds need no kernels of their own (`fuse_gpu_decode`)."""
+        rows = x.numel() // x.shape[-1]
+        if rows == 1 and x.is_cuda and self.kernel and self.bias is None and x.shape[-1] == self.qweight.shape[1] * (
+                2 if isinstance(self, Int4Linear) else 1):
+            ends = dict(norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.eps,
+                        residual=None if residual is None else residual.reshape(1, self.out_features))
+            return self._kernel(x.reshape(1, x.shape[-1]), **ends).view(*x.shape[:-1], self.out_features)
+        y = self(x if norm is None else norm(x))
+        return y if residual is None else residual + y
+
     def _native(self, x: Tensor, rows: int) -> bool:
         return self.native and x.dtype == torch.float32 and rows <= cpu_kernels.MAX_ROWS
 
@@ -207,11 +221,11 @@ class Int8Linear(QuantizedLinear):
     def dequantized(self) -> Tensor:
         return dequantize_int8(self.qweight, self.scales)
 
-    def _kernel(self, x: Tensor) -> Tensor:
+    def _kernel(self, x: Tensor, **ends) -> Tensor:  # (ends: GPU only, `fused`)
         if x.is_cuda:
             from llama.quant_kernels import int8_linear
 
-            return int8_linear(x, self.qweight, self.scales)
+            return int8_linear(x, self.qweight, self.scales, **ends)
         if self._native(x, len(x)):
             return torch.ops.llamaref_cpu.int8_linear(x.contiguous(), self.qweight, self.scales)
         if torch.compiler.is_compiling():  # Inductor's C++ backend fuses this into one loop over the int8 weights
@@ -240,13 +254,13 @@ class Int4Linear(QuantizedLinear):
     def dequantized(self) -> Tensor:
         return dequantize_int4(self.qweight, self.scales, self.mins, self.group_size, self.in_features)
 
-    def _kernel(self, x: Tensor) -> Tensor:
+    def _kernel(self, x: Tensor, **ends) -> Tensor:  # (ends: GPU only, `fused`)
         if x.shape[-1] != self.padded_in_features:  # the padded inputs meet weights that are not there
             x = F.pad(x, (0, self.padded_in_features - x.shape[-1]))
         if x.is_cuda:
             from llama.quant_kernels import int4_linear
 
-            return int4_linear(x, self.qweight, self.scales, self.mins, self.group_size)
+            return int4_linear(x, self.qweight, self.scales, self.mins, self.group_size, **ends)
         if self._native(x, len(x)):
             return torch.ops.llamaref_cpu.int4_linear(x.contiguous(), self.qweight, self.scales, self.mins,
                                                       self.group_size)
@@ -318,6 +332,36 @@ def fuse_cpu_decode(model: nn.Module) -> bool:
         if not hasattr(block.forward, "unfused"):
             block.forward = _fused_decode(block, _products(block), block.forward)
     return True
+
+
+def fuse_gpu_decode(model: nn.Module) -> bool:
+    """On a GPU, a decode step of one token (batch 1): each block's two RMSNorms go into the one-row kernels of
+    qkv_proj and gate_up_proj, and its two residual adds into those of o_proj and down_proj (`QuantizedLinear.
+    fused`): 64 kernels fewer a step at 8B, each of them a launch between products and a reduction that Inductor
+    tunes anew in each compilation (docs/benchmarks.md). Every other call takes the block's own forward. Applies
+    when every block's products are quantized GPU layers without hooks (tensor parallelism adds its all-reduce as
+    one); returns whether it did."""
+    products = [p for block in model.layers for p in _products(block)]
+    if not all(isinstance(p, QuantizedLinear) and p.qweight.is_cuda and not p._forward_hooks for p in products):
+        return False
+    for block in model.layers:
+        if not hasattr(block.forward, "unfused"):
+            block.forward = _fused_gpu_decode(block, block.forward)
+    return True
+
+
+def _fused_gpu_decode(block: nn.Module, forward):
+    attention, mlp = block.attention, block.mlp
+
+    def decode(x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None, *args) -> Tensor:
+        if x.shape[0] * x.shape[1] != 1 or any(arg is not None for arg in args):  # (rows, joining prompts)
+            return forward(x, cos, sin, input_pos, mask, *args)
+        qkv = attention.qkv_proj.fused(x, norm=block.attention_norm)
+        h = attention.o_proj.fused(attention.attend(qkv, cos, sin, input_pos, mask), residual=x)
+        return mlp.down_proj.fused(mlp.silu_mul(mlp.gate_up_proj.fused(h, norm=block.mlp_norm)), residual=h)
+
+    decode.unfused = forward
+    return decode
 
 
 def fusable(model: nn.Module) -> bool:

@@ -69,7 +69,8 @@ parallel shards, qkv, o and down at 8B), or row blocks of 64. Elsewhere it would
 Launch configs (`default_config`; no autotuning, since a compiled graph must launch the same kernel every step,
 chosen without timing anything; each knob is a keyword override, which scripts/quant_kernels_bench.py sweeps):
   M = 1    gemv: BLOCK_K = 1 KB of each row a step (1024 int8 features, 2048 int4 ones; int4 with N >= 8192:
-           512 bytes: on the H100 sweep 1 KB was 3-12% faster at o and down, half a KB 2% at gate_up),
+           512 bytes: on the H100 sweep 1 KB was 3-12% faster at o and down, half a KB 2% at gate_up; with the
+           norm inside, half a KB everywhere: 6-13% faster at qkv, 0-3% at gate_up),
            BLOCK_N = 16, 4 warps (each thread holds several rows, so each x value it loads and rounds serves
            several weights), 3 pipeline stages (a loop without tl.dot is pipelined only when tl.range asks).
            BLOCK_N = 8 when N / 16 blocks would leave SMs idle. (The int4 dot kernel at one row, 16 rows of x
@@ -95,6 +96,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from llama.model import rms_norm
 
 CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
 MAGIC = 0x4B000000  # the bits of the float32 2^23 (`_byte`)
@@ -146,13 +149,18 @@ def _x_value(x_ptr, i, in_k, t: tl.constexpr, LANES: tl.constexpr):
 
 
 @triton.jit
-def _store(out_ptr, y, m, n, M, N, split):
-    """y [BLOCK_N] or [BLOCK_N, BLOCK_M] -> out[split, m, n]: the output itself, or one split's float32 partials."""
+def _store(out_ptr, y, m, n, M, N, split, res_ptr, RESIDUAL: tl.constexpr):
+    """y [BLOCK_N] or [BLOCK_N, BLOCK_M] -> out[split, m, n]: the output itself, or one split's float32 partials;
+    RESIDUAL (the output itself): plus residual[m, n], before the one rounding to the output's dtype."""
     if len(y.shape) == 1:
+        if RESIDUAL:
+            y += tl.load(res_ptr + m * N + n, mask=n < N, other=0.0).to(tl.float32)
         tl.store(out_ptr + (split * M + m) * N + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
     else:
-        tl.store(out_ptr + (split * M + m[None, :]) * N + n[:, None], y.to(out_ptr.dtype.element_ty),
-                 mask=(n[:, None] < N) & (m[None, :] < M))
+        inside = (n[:, None] < N) & (m[None, :] < M)
+        if RESIDUAL:
+            y += tl.load(res_ptr + m[None, :] * N + n[:, None], mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + (split * M + m[None, :]) * N + n[:, None], y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 # ---------------------------------------------------------------------------- integer products (the gemvs)
@@ -160,31 +168,65 @@ X16_ROUND = tl.constexpr(12582912.0)  # 1.5 2^23: v + X16_ROUND, a float, holds 
 
 
 @triton.jit
-def _x16_step(x_row, i, in_k, LANES: tl.constexpr):
-    """The step's x, 8 (int4) or 4 (int8) features a word: x_t[i] = x[LANES i + t] rounded to 16-bit integers
-    against the step's largest |x|, x_t ~ d v_t with d = max |x| / 32767 and |v_t| <= 32767 (1.5e-5 of the largest
-    value at most: bf16 x itself carries 2^-9 of each value), packed two a word in the order the weights' bytes
-    take them (`_dot2`): -> (the pairs of a word, 4 or 2 of them, d, the float sum of x over each word's features).
+def _x_lane(x_row, g_row, i, in_k, t: tl.constexpr, LANES: tl.constexpr, NORM: tl.constexpr):
+    """(x_t, x_t^2) for x_t = x[LANES i + t] as float32, x_t times the norm's weight g[LANES i + t] when NORM (the
+    square is of x alone: the norm's statistic)."""
+    x = _x_value(x_row, i, in_k, t, LANES)
+    if NORM:
+        return x * _x_value(g_row, i, in_k, t, LANES), x * x
+    else:
+        return x, x * x
+
+
+@triton.jit
+def _x16_step(x_row, g_row, i, in_k, LANES: tl.constexpr, NORM: tl.constexpr):
+    """The step's x, 8 (int4) or 4 (int8) features a word: x_t[i] = x[LANES i + t] (times the norm's weight g when
+    NORM) rounded to 16-bit integers against the step's largest |x|, x_t ~ d v_t with d = max |x| / 32767 and
+    |v_t| <= 32767 (1.5e-5 of the largest value at most: bf16 x itself carries 2^-9 of each value), packed two a
+    word in the order the weights' bytes take them (`_dot2`): -> (the pairs of a word, 4 or 2 of them, d, the
+    float sum of x over each word's features, the sum of their squares before g).
 
     The rounding is one fma: v + 1.5 2^23 is a float whose last place is worth 1, and whose low 16 bits are round(v)
     in two's complement (the high bits, 0x4B40, are dropped by the packing)."""
-    x0, x1 = _x_value(x_row, i, in_k, 0, LANES), _x_value(x_row, i, in_k, 1, LANES)
-    x2, x3 = _x_value(x_row, i, in_k, 2, LANES), _x_value(x_row, i, in_k, 3, LANES)
+    x0, q0 = _x_lane(x_row, g_row, i, in_k, 0, LANES, NORM)
+    x1, q1 = _x_lane(x_row, g_row, i, in_k, 1, LANES, NORM)
+    x2, q2 = _x_lane(x_row, g_row, i, in_k, 2, LANES, NORM)
+    x3, q3 = _x_lane(x_row, g_row, i, in_k, 3, LANES, NORM)
     biggest = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
     x_sum = (x0 + x1) + (x2 + x3)
+    squares = (q0 + q1) + (q2 + q3)
     if LANES == 8:
-        x4, x5 = _x_value(x_row, i, in_k, 4, LANES), _x_value(x_row, i, in_k, 5, LANES)
-        x6, x7 = _x_value(x_row, i, in_k, 6, LANES), _x_value(x_row, i, in_k, 7, LANES)
+        x4, q4 = _x_lane(x_row, g_row, i, in_k, 4, LANES, NORM)
+        x5, q5 = _x_lane(x_row, g_row, i, in_k, 5, LANES, NORM)
+        x6, q6 = _x_lane(x_row, g_row, i, in_k, 6, LANES, NORM)
+        x7, q7 = _x_lane(x_row, g_row, i, in_k, 7, LANES, NORM)
         biggest = tl.maximum(biggest, tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)),
                                                  tl.maximum(tl.abs(x6), tl.abs(x7))))
         x_sum += (x4 + x5) + (x6 + x7)
+        squares += (q4 + q5) + (q6 + q7)
     amax = tl.maximum(tl.max(biggest, axis=0), 1e-30)
     inv = 32767.0 / amax
     if LANES == 8:  # int4: the low nibbles of a word are features 0, 2, 4, 6, the high ones 1, 3, 5, 7
         return (_pair(x0, x2, inv), _pair(x4, x6, inv), _pair(x1, x3, inv), _pair(x5, x7, inv), amax / 32767.0,
-                x_sum)
+                x_sum, squares)
     else:  # int8: bytes 0..3 are features 0..3
-        return _pair(x0, x1, inv), _pair(x2, x3, inv), amax / 32767.0, x_sum
+        return _pair(x0, x1, inv), _pair(x2, x3, inv), amax / 32767.0, x_sum, squares
+
+
+@triton.jit
+def _finish(out_ptr, y, m, n, M, N, split, pid_n, squares, K, ss_ptr, res_ptr, eps, NORM: tl.constexpr,
+            RESIDUAL: tl.constexpr, SPLIT: tl.constexpr):
+    """Store a gemv's y [BLOCK_N] for row m. Whole (not SPLIT): y / rms(x) with rms(x) = sqrt(sum x^2 / K + eps)
+    when NORM (the RMSNorm that came before the product: its weight already multiplied x, its statistic is
+    `squares` summed over K), plus the residual [M, N] when RESIDUAL. A split stores its partial sums and (the
+    first n block) its part of sum x^2 for `_sum_splits_kernel`, which finishes."""
+    if SPLIT:
+        if NORM:
+            if pid_n == 0:
+                tl.store(ss_ptr + split * M + m, tl.sum(squares, axis=0))
+    elif NORM:
+        y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    _store(out_ptr, y, m, n, M, N, split, res_ptr, RESIDUAL and not SPLIT)
 
 
 @triton.jit
@@ -217,35 +259,40 @@ def _dot2(pairs, words, acc, HIGH: tl.constexpr, SIGNED: tl.constexpr, ASM: tl.c
 
 # ---------------------------------------------------------------------------- int8
 @triton.jit
-def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr):
+def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x, g_ptr, res_ptr, ss_ptr,
+                      eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                      NORM: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr):
     """Program (n block, row m, split): y[m, n] = scale[n] sum_k x[m, k] q[n, k] for BLOCK_N rows n over the split's
     K range. Word i of a row holds q[n, 4i + t] in byte t; a step multiplies them by x rounded to 16 bits
     (`_x16_step`), two products an instruction summed exactly in int32 (`_dot2`), and acc[n, i] adds d times
-    that sum."""
+    that sum. NORM, RESIDUAL: x is normalised and the residual added on the way (`_finish`)."""
     pid_n, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     w_rows = w_ptr + n[:, None].to(tl.int64) * KW  # [BLOCK_N, 1]
     x_row = x_ptr + m * stride_x
     acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_K // 4], dtype=tl.float32)
     start = split * k_per_split
     for k0 in tl.range(start, tl.minimum(start + k_per_split, KW * 4), BLOCK_K, num_stages=NUM_STAGES):
         i = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # [BLOCK_K / 4] word index
         in_k = i < KW
         words = tl.load(w_rows + i[None, :], mask=(n[:, None] < N) & in_k[None, :], other=0)
-        p01, p23, d, _ = _x16_step(x_row, i, in_k, 4)
+        p01, p23, d, _, step_squares = _x16_step(x_row, g_ptr, i, in_k, 4, NORM)
         dot = _dot2(p01[None, :], words, 0, False, True, ASM)  # bytes 0, 1
         dot = _dot2(p23[None, :], words, dot, True, True, ASM)  # bytes 2, 3
         acc = tl.fma(dot.to(tl.float32), d, acc)
+        squares += step_squares
     scale = tl.load(scale_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-    _store(out_ptr, tl.sum(acc, axis=1) * scale, m, n, M, N, split)
+    _finish(out_ptr, tl.sum(acc, axis=1) * scale, m, n, M, N, split, pid_n, squares, KW * 4, ss_ptr, res_ptr, eps,
+            NORM, RESIDUAL, SPLIT)
 
 
 @triton.jit
-def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x, magic,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x, res_ptr, magic,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                     RESIDUAL: tl.constexpr):
     """Program (n block, m block, split): acc[n, m] = sum_k q[n, k] x[m, k] with tl.dot on dequantized tiles,
-    y[m, n] = scale[n] acc[n, m]."""
+    y[m, n] = scale[n] acc[n, m] (+ residual[m, n], RESIDUAL)."""
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -266,18 +313,19 @@ def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, st
         w = tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), [BLOCK_N, BLOCK_K])
         acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")  # "ieee": fp32 x without tf32 rounding
     scale = tl.load(scale_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-    _store(out_ptr, acc * scale[:, None], m, n, M, N, split)
+    _store(out_ptr, acc * scale[:, None], m, n, M, N, split, res_ptr, RESIDUAL)
 
 
 # ---------------------------------------------------------------------------- int4
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x,
-                      G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x, g_ptr,
+                      res_ptr, ss_ptr, eps, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NUM_STAGES: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr,
                       ASM: tl.constexpr):
     """Program (n block, row m, split): y[m, n] over the split's K range for BLOCK_N rows n. Word i of a row holds
     q[n, 8i + t] in bits 4t..4t+3. A step covers GROUPS whole groups of G / 8 words, or part of one group
     (WORDS words); per group, y += s sum_k x_k q_k + mn sum_k x_k, the first sum over x rounded to 16 bits
-    (`_x16_step`) in int32, two products an instruction (`_dot2`), times d."""
+    (`_x16_step`) in int32, two products an instruction (`_dot2`), times d. NORM, RESIDUAL: as in int8."""
     WORDS: tl.constexpr = min(BLOCK_K, G) // 8  # words of one group in a step
     GROUPS: tl.constexpr = BLOCK_K // (8 * WORDS)
     pid_n, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -287,6 +335,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
     w_rows = w_ptr + n[:, None].to(tl.int64) * KW  # [BLOCK_N, 1]
     x_row = x_ptr + m * stride_x
     total = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
     start = split * k_per_split
     for k0 in tl.range(start, tl.minimum(start + k_per_split, KW * 8), BLOCK_K, num_stages=NUM_STAGES):
         i = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # [BLOCK_K / 8] word index
@@ -296,7 +345,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
         ok = row_ok[:, None] & (g < NG)[None, :]
         s = tl.load(scales_ptr + n[:, None] * NG + g[None, :], mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, GROUPS]
         mn = tl.load(mins_ptr + n[:, None] * NG + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        p0, p1, p2, p3, d, x_sum = _x16_step(x_row, i, in_k, 8)
+        p0, p1, p2, p3, d, x_sum, step_squares = _x16_step(x_row, g_ptr, i, in_k, 8, NORM)
         low, high = words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F  # features 8i + 0, 2, 4, 6 and 8i + 1, 3, 5, 7
         dot = _dot2(p0[None, :], low, 0, False, False, ASM)
         dot = _dot2(p1[None, :], low, dot, True, False, ASM)
@@ -305,7 +354,9 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
         dot = tl.sum(tl.reshape(dot, [BLOCK_N, GROUPS, WORDS]), axis=2)  # [BLOCK_N, GROUPS]
         x_sum = tl.sum(tl.reshape(x_sum, [GROUPS, WORDS]), axis=1)  # [GROUPS]
         total += s * (dot.to(tl.float32) * d) + mn * x_sum[None, :]
-    _store(out_ptr, tl.sum(total, axis=1), m, n, M, N, split)
+        squares += step_squares
+    _finish(out_ptr, tl.sum(total, axis=1), m, n, M, N, split, pid_n, squares, KW * 8, ss_ptr, res_ptr, eps, NORM,
+            RESIDUAL, SPLIT)
 
 
 # Nibble t of each 16-bit unit (one per half of a 32-bit register) is ORed into the low mantissa bits of 128.0
@@ -375,9 +426,9 @@ def _int4_dot_step(acc, u_rows, x_rows, k0, s, mn, KU, BLOCK_M: tl.constexpr, WI
 
 
 @triton.jit
-def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KU, k_per_split, stride_x, NG,
+def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KU, k_per_split, stride_x, res_ptr, NG,
                      G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+                     NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, RESIDUAL: tl.constexpr, ASM: tl.constexpr):
     """Program (n block, m block, split): acc[n, m] = sum_k w[n, k] x[m, k] with tensor cores (`_int4_dot_step`),
     w_ptr: qweight viewed as int16 [N, KU], KU = K / 4; NG = K / G groups a row. A step of BLOCK_K features takes
     one scale and minimum per row when it lies in one group, a pair of them when it spans two groups (BLOCK_K =
@@ -412,18 +463,27 @@ def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KU, k_pe
             s = tl.load(scales_ptr + g, mask=in_k, other=0.0)
             mn = tl.load(mins_ptr + g, mask=in_k, other=0.0)
             acc = _int4_dot_step(acc, u_rows, x_rows, k0, s, mn, KU, BLOCK_M, BLOCK_K, EVEN_K, ASM)
-    _store(out_ptr, acc, m, n, M, N, split)
+    _store(out_ptr, acc, m, n, M, N, split, res_ptr, RESIDUAL)
 
 
 # ---------------------------------------------------------------------------- split-K
 @triton.jit
-def _sum_splits_kernel(partial_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[j] = sum_s partial[s, j] over the flattened [M, N] outputs."""
+def _sum_splits_kernel(partial_ptr, out_ptr, M, N, K, ss_ptr, res_ptr, eps, SPLIT_K: tl.constexpr,
+                       BLOCK: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """out[j] = sum_s partial[s, j] over the flattened [M, N] outputs; a gemv's NORM and RESIDUAL (`_finish`)."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = j < M * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_squares = tl.zeros([BLOCK], dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
-        acc += tl.load(partial_ptr + s * MN + j, mask=j < MN, other=0.0)
-    tl.store(out_ptr + j, acc.to(out_ptr.dtype.element_ty), mask=j < MN)
+        acc += tl.load(partial_ptr + s * M * N + j, mask=inside, other=0.0)
+        if NORM:
+            sum_squares += tl.load(ss_ptr + s * M + j // N, mask=inside, other=0.0)
+    if NORM:
+        acc = acc * tl.rsqrt(sum_squares / K + eps)
+    if RESIDUAL:
+        acc += tl.load(res_ptr + j, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + j, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 # ---------------------------------------------------------------------------- launch configs
@@ -433,10 +493,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size: int = 0, x_itemsize: int = 2,
-                   **overrides: int) -> dict[str, int]:
+                   norm: bool = False, **overrides: int) -> dict[str, int]:
     """The launch config (keys CONFIG_KEYS) of an [M, K] x [N, K]^T product with `bits`-bit weights (8 or 4) on a
-    GPU with `sm_count` SMs; the module docstring says why. Nonzero `overrides` replace single choices, and
-    split_k, unless given, follows the tiles chosen."""
+    GPU with `sm_count` SMs, `norm`: the gemv normalises x (`_finish`); the module docstring says why. Nonzero
+    `overrides` replace single choices, and split_k, unless given, follows the tiles chosen."""
     overrides = {key: value for key, value in overrides.items() if value}
     assert set(overrides) <= set(CONFIG_KEYS), overrides
     block_m = 1 if M == 1 else 16 if M <= 16 else 32 if M <= 32 else 64
@@ -445,6 +505,8 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
                       num_warps=4, num_stages=3)
         if bits == 4:  # the H100 sweep: half a KB of each row a step from 8k rows on, else 1 KB
             config |= dict(block_k=1024 if N >= 8192 else 2048)
+        if norm:  # the H100 sweep with the norm inside: half a KB of each row a step
+            config |= dict(block_k=4096 // bits)
     elif bits == 8:
         config = dict(block_m=block_m, block_n=64, block_k=256 if block_m == 16 else 128, num_warps=4, num_stages=4)
     else:  # int4: two groups a step (one 4-byte load of their scales per row), 64 to 256 features
@@ -471,17 +533,29 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
 
 
 def _launch(kernel, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, config: dict[str, int], *tail,
+            norm_weight: Tensor | None = None, eps: float = 0.0, residual: Tensor | None = None,
             **constexprs) -> Tensor:
-    """Run a gemv (block_m = 1) or dot kernel on x [M, K] and words [N, KW], then add up the splits; -> y [M, N]."""
+    """Run a gemv (block_m = 1) or dot kernel on x [M, K] and words [N, KW], then add up the splits; -> y [M, N] =
+    residual + rms_norm(x) W^T (`llama.model.rms_norm`; each part only when given). The residual is added before
+    the output's one rounding; the gemvs normalise x inside (`_finish`), the dot kernels take it normalised."""
     M, K = x.shape
+    bm, bn, bk, split_k = config["block_m"], config["block_n"], config["block_k"], config["split_k"]
+    if bm > 1 and norm_weight is not None:
+        x, norm_weight = rms_norm(x, norm_weight, eps), None
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:  # the gemv reads 16-bit x as int32 pairs
         x = x.clone(memory_format=torch.contiguous_format)
-    bm, bn, bk, split_k = config["block_m"], config["block_n"], config["block_k"], config["split_k"]
     k_per_split = bk * triton.cdiv(triton.cdiv(K, bk), split_k)  # a multiple of BLOCK_K
     out = x.new_empty(M, N)
     target = out if split_k == 1 else x.new_empty(split_k, M, N, dtype=torch.float32)
+    norm, add = norm_weight is not None, residual is not None
+    residual = residual.contiguous() if add else target  # (a pointer the kernels never read without `add`)
+    squares = x.new_empty(split_k, M, dtype=torch.float32) if norm and split_k > 1 else target
     if bm > 1:
-        constexprs["BLOCK_M"] = bm
+        tail = (residual, *tail)
+        constexprs |= dict(BLOCK_M=bm, RESIDUAL=add and split_k == 1)
+    else:
+        tail = (norm_weight if norm else x, residual, squares, eps, *tail)
+        constexprs |= dict(NORM=norm, RESIDUAL=add, SPLIT=split_k > 1)
     torch.library.wrap_triton(kernel)[(triton.cdiv(N, bn), M if bm == 1 else triton.cdiv(M, bm), split_k)](
         x, words, *meta, target, M, N, words.shape[1], k_per_split, x.stride(0), *tail, BLOCK_N=bn, BLOCK_K=bk,
         NUM_STAGES=config["num_stages"], num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -489,56 +563,73 @@ def _launch(kernel, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, 
     if split_k > 1:
         block = 1024
         torch.library.wrap_triton(_sum_splits_kernel)[(triton.cdiv(M * N, block),)](
-            target, out, M * N, SPLIT_K=split_k, BLOCK=block, num_warps=4)
+            target, out, M, N, K, squares, residual, eps, SPLIT_K=split_k, BLOCK=block, NORM=norm, RESIDUAL=add,
+            num_warps=4)
     return out
 
 
 # ---------------------------------------------------------------------------- the ops
 @torch.library.triton_op("llama::int8_linear", mutates_args=())
-def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, block_m: int = 0, block_n: int = 0, block_k: int = 0,
+def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, norm_weight: Tensor | None = None, eps: float = 0.0,
+                 residual: Tensor | None = None, block_m: int = 0, block_n: int = 0, block_k: int = 0,
                  split_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
     M, K = x.shape
     N = weight.shape[0]
-    config = default_config(8, M, N, K, _sm_count(x.device), block_m=block_m, block_n=block_n, block_k=block_k,
-                            split_k=split_k, num_warps=num_warps, num_stages=num_stages)
+    config = default_config(8, M, N, K, _sm_count(x.device), norm=norm_weight is not None, block_m=block_m,
+                            block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
+                            num_stages=num_stages)
+    ends = dict(norm_weight=norm_weight, eps=eps, residual=residual)
     if config["block_m"] == 1:
-        return _launch(_int8_gemv_kernel, x, weight.view(torch.int32), (scale,), N, config, ASM=x.is_cuda)
-    return _launch(_int8_dot_kernel, x, weight.view(torch.int32), (scale,), N, config, MAGIC)
+        return _launch(_int8_gemv_kernel, x, weight.view(torch.int32), (scale,), N, config, **ends, ASM=x.is_cuda)
+    return _launch(_int8_dot_kernel, x, weight.view(torch.int32), (scale,), N, config, MAGIC, **ends)
 
 
 @torch.library.triton_op("llama::int4_linear", mutates_args=())
-def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int, block_m: int = 0,
-                 block_n: int = 0, block_k: int = 0, split_k: int = 0, num_warps: int = 0,
+def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int,
+                 norm_weight: Tensor | None = None, eps: float = 0.0, residual: Tensor | None = None,
+                 block_m: int = 0, block_n: int = 0, block_k: int = 0, split_k: int = 0, num_warps: int = 0,
                  num_stages: int = 0) -> Tensor:
     M, K = x.shape
     N = qweight.shape[0]
-    config = default_config(4, M, N, K, _sm_count(x.device), group_size, x.element_size(), block_m=block_m,
-                            block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
+    config = default_config(4, M, N, K, _sm_count(x.device), group_size, x.element_size(), norm_weight is not None,
+                            block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
                             num_stages=num_stages)
+    ends = dict(norm_weight=norm_weight, eps=eps, residual=residual)
     if config["block_m"] == 1:
-        return _launch(_int4_gemv_kernel, x, qweight.view(torch.int32), (scales, mins), N, config, G=group_size,
-                       ASM=x.is_cuda)
+        return _launch(_int4_gemv_kernel, x, qweight.view(torch.int32), (scales, mins), N, config, **ends,
+                       G=group_size, ASM=x.is_cuda)
     return _launch(_int4_dot_kernel, x, qweight.view(torch.int16), (scales, mins), N, config, K // group_size,
-                   G=group_size, EVEN_K=K % config["block_k"] == 0,
+                   **ends, G=group_size, EVEN_K=K % config["block_k"] == 0,
                    ASM=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
 
 
-def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, block_m: int = 0, block_n: int = 0, block_k: int = 0,
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, norm_weight: Tensor | None = None, eps: float = 0.0,
+                residual: Tensor | None = None, block_m: int = 0, block_n: int = 0, block_k: int = 0,
                 split_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
     """x [M, K] (bf16, fp16 or fp32), weight int8 [N, K], scale [N] in x's dtype -> y [M, N] in x's dtype:
 
         y[m, n] = scale[n] * sum_k x[m, k] weight[n, k]        (float32 sums)
 
-    K must be a multiple of 4 (the weight is read as int32 words). The keywords override `default_config`
-    (0: the default); block_m = 1 is the GEMV kernel, block_m >= 16 the tl.dot one."""
+    With norm_weight [K] (and eps), x is first normalised as `llama.model.rms_norm` does; with residual [M, N],
+    it is added to y (both inside the GEMV, around it for the tl.dot kernel: `_launch`). K must be a multiple of
+    4 (the weight is read as int32 words). The other keywords override `default_config` (0: the default);
+    block_m = 1 is the GEMV kernel, block_m >= 16 the tl.dot one."""
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1], (x.shape, weight.shape)
     assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] % 4 == 0, "int8 [N, K], K % 4 = 0"
     assert scale.shape == (weight.shape[0],) and scale.is_contiguous(), scale.shape
-    return _int8_linear(x, weight, scale, block_m, block_n, block_k, split_k, num_warps, num_stages)
+    _check_ends(x, weight.shape[0], norm_weight, residual)
+    return _int8_linear(x, weight, scale, norm_weight, eps, residual, block_m, block_n, block_k, split_k, num_warps,
+                        num_stages)
 
 
-def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int, *, block_m: int = 0,
-                block_n: int = 0, block_k: int = 0, split_k: int = 0, num_warps: int = 0,
+def _check_ends(x: Tensor, N: int, norm_weight: Tensor | None, residual: Tensor | None) -> None:
+    assert norm_weight is None or (norm_weight.shape == x.shape[1:] and norm_weight.is_contiguous()), norm_weight
+    assert residual is None or (residual.shape == (x.shape[0], N) and residual.dtype == x.dtype), residual
+
+
+def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int, *,
+                norm_weight: Tensor | None = None, eps: float = 0.0, residual: Tensor | None = None,
+                block_m: int = 0, block_n: int = 0, block_k: int = 0, split_k: int = 0, num_warps: int = 0,
                 num_stages: int = 0) -> Tensor:
     """x [M, K] (bf16, fp16 or fp32), qweight uint8 [N, K / 2], scales and mins [N, K / G] in x's dtype, G =
     group_size in {32, 64, 128, 256} dividing K -> y [M, N] in x's dtype:
@@ -547,11 +638,12 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_
         w[n, k] = q[n, k] * scales[n, k // G] + mins[n, k // G]
         y = x @ w.T                                             (float32 sums)
 
-    The keywords override `default_config` (0: the default); block_m = 1 is the GEMV kernel, block_m >= 16 the
-    tl.dot one."""
+    norm_weight, eps and residual as in `int8_linear`. The other keywords override `default_config` (0: the
+    default); block_m = 1 is the GEMV kernel, block_m >= 16 the tl.dot one."""
     N, K = qweight.shape[0], x.shape[1]
     assert x.dim() == 2 and group_size in (32, 64, 128, 256) and K % group_size == 0, (x.shape, group_size)
     assert qweight.dtype == torch.uint8 and qweight.shape == (N, K // 2) and qweight.is_contiguous(), qweight.shape
     assert scales.shape == mins.shape == (N, K // group_size) and scales.is_contiguous() and mins.is_contiguous()
-    return _int4_linear(x, qweight, scales, mins, group_size, block_m, block_n, block_k, split_k, num_warps,
-                        num_stages)
+    _check_ends(x, N, norm_weight, residual)
+    return _int4_linear(x, qweight, scales, mins, group_size, norm_weight, eps, residual, block_m, block_n, block_k,
+                        split_k, num_warps, num_stages)

@@ -319,7 +319,8 @@ def batch1(model: Transformer, config: ModelConfig) -> None:
 def timeline(model: Transformer, out: Path, order: str = "greedy,sample") -> None:
     """Batch 1 as `bench.py` runs it (prompt 128, 256 new tokens, `compile=True`): tok/s, then one more generate
     call under the profiler. Every GPU activity of that call (kernels, copies, memsets) goes to
-    OUT/timeline_MODE.json.gz as [name, start us, duration us], to be read on another machine."""
+    OUT/timeline_MODE.json.gz as [name, start us, duration us], to be read on another machine, and a table of
+    what a decode step spends in each kernel is printed (`step_summary`)."""
     import gzip
 
     from torch.profiler import ProfilerActivity, profile
@@ -352,6 +353,25 @@ def timeline(model: Transformer, out: Path, order: str = "greedy,sample") -> Non
         span = gpu[-1][1] + gpu[-1][2] - gpu[0][1]
         print(f"timeline {mode}: {len(gpu)} GPU activities, busy {busy / 1e3:.2f} ms of {span / 1e3:.2f} ms",
               flush=True)
+        step_summary(gpu, 255)
+
+
+def step_summary(gpu: list, steps: int) -> None:
+    """Per decode step: each kernel name's launches and microseconds (totals over the call / `steps`; kernels that
+    run less than once a step, the prefill's, are left out), and the idle time between activities."""
+    totals: dict[str, list] = {}
+    for name, _, duration in gpu:
+        entry = totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += duration
+    ends = [start + duration for _, start, duration in gpu]
+    gaps = sum(max(0.0, start - end) for (_, start, _), end in zip(gpu[1:], ends))
+    rows = sorted(((n / steps, us / steps, name) for name, (n, us) in totals.items() if n >= 0.9 * steps),
+                  reverse=True, key=lambda row: row[1])
+    print(f"per step: {sum(r[0] for r in rows):.0f} launches, {sum(r[1] for r in rows):.1f} us busy, "
+          f"{gaps / steps:.1f} us of gaps (whole call / {steps})")
+    for launches, us, name in rows:
+        print(f"  {launches:6.1f} x {us / launches:7.2f} us = {us:8.1f} us  {name[:110]}")
 
 
 def main() -> None:
@@ -360,6 +380,8 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="only the 32k and 128k long-context rows")
     parser.add_argument("--timeline", type=Path, help="only the batch-1 timeline, written to this folder")
     parser.add_argument("--modes", default="greedy,sample", help="the timeline's modes, in this order")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="the timeline's model quantized")
+    parser.add_argument("--group-size", type=int, default=64, help="int4's group size")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an Inductor setting to try, e.g. triton.enable_pdl=True (repeatable)")
     args = parser.parse_args()
@@ -372,7 +394,13 @@ def main() -> None:
         setattr(section, name, ast.literal_eval(value))
     if args.timeline:
         config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")
-        timeline(random_engine_model(config, torch.device("cuda"), torch.bfloat16), args.timeline, args.modes)
+        model = random_engine_model(config, torch.device("cuda"), torch.bfloat16)
+        if args.quantize:
+            from llama import quant
+
+            group_size = args.group_size if args.quantize == "int4" else None
+            model = quant.quantize_model(model, quant.QuantizationConfig.make(args.quantize, group_size))
+        timeline(model, args.timeline / (args.quantize or "bf16"), args.modes)
         return
     if args.long:
         config = ModelConfig.from_file(CONFIGS / "llama-3.1-8b.json")

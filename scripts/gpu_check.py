@@ -185,7 +185,8 @@ def check_quantized(dense: Llama, tokens: torch.Tensor, baseline: float, compile
     eager and inside the compiled step) against the reference path, which multiplies by the dequantized weights
     with F.linear, on the same quantized values in bf16. They may differ by bf16 rounding alone: at most 1.5x
     transformers' own bf16 error against float32. The full forward is of 4 x 96 tokens: from 512 rows
-    (`quant.GPU_DENSE_ROWS`) the layers take the reference path themselves."""
+    (`quant.GPU_DENSE_ROWS`) the layers take the reference path themselves. Batch 1 is decoded too: its steps take
+    the norms and residual adds into the one-row kernels (`quant.fuse_gpu_decode`)."""
     rows = tokens[:, :96]
     ok = True
     print("\n| quantized, kernels vs the dequantize + F.linear reference (bf16) | relative error | / transformers "
@@ -195,14 +196,20 @@ def check_quantized(dense: Llama, tokens: torch.Tensor, baseline: float, compile
         llm = Llama(model)
         quant.use_reference(model)
         reference_full, reference_steps = llm.logits(rows), cached_logits(llm, tokens, 32, decode_step)
+        reference_one = cached_logits(llm, tokens[:1], 32, decode_step)
         quant.use_reference(model, False)
         full, steps = llm.logits(rows), cached_logits(llm, tokens, 32, decode_step)
+        one = cached_logits(llm, tokens[:1], 32, decode_step)
         model.use_triton_kernels()
         compiled_steps = cached_logits(llm, tokens, 32, compiled)
+        compiled_one = cached_logits(llm, tokens[:1], 32, compiled)
         name = mode + (f" g{group}" if group else "")
         for what, error in ((f"{name}, full forward", relative_error(full, reference_full)),
                             (f"{name}, cached decode (eager)", relative_error(steps, reference_steps)),
-                            (f"{name}, cached decode (compiled)", relative_error(compiled_steps, reference_steps))):
+                            (f"{name}, cached decode (compiled)", relative_error(compiled_steps, reference_steps)),
+                            (f"{name}, batch 1 decode, fused (eager)", relative_error(one, reference_one)),
+                            (f"{name}, batch 1 decode, fused (compiled)",
+                             relative_error(compiled_one, reference_one))):
             print(f"| {what} | {error:.2e} | {error / baseline:.2f} |")
             ok &= error <= 1.5 * baseline
         del model, llm

@@ -20,7 +20,9 @@ where this torch build has them for CUDA (--no-torch-ops leaves them out). The s
 rows), every config of a grid around `default_config`, checks each one's output against the reference, and
 prints the default's time and the best config's; --out DIR writes every config's time to DIR/sweep.txt.
 --before FILE times the int8 and int4 ops of another version of llama/quant_kernels.py (e.g. `git show
-HEAD~1:llama/quant_kernels.py > OLD.py`) beside ours, in the same run, with their own default configs.
+HEAD~1:llama/quant_kernels.py > OLD.py`) beside ours, in the same run, with their own default configs. --norm
+has our kernels normalise x first (the RMSNorm inside the one-row kernel, as a batch-1 decode step's qkv and
+gate_up products do: `quant.fuse_gpu_decode`), beside the same kernels without it, and sweeps those.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import copy_bandwidth  # noqa: E402
 from decode_variants import graph_time  # noqa: E402
 
+from llama.model import rms_norm  # noqa: E402
 from llama.quant_kernels import default_config, int4_linear, int8_linear  # noqa: E402
 
 SHAPES = [  # name, N, K, whether int4 applies (the engine keeps the output projection in int8)
@@ -102,15 +105,16 @@ class Method:
     dequantized weight (bf16) its error is measured against; `bits` and `group` name the config grid it sweeps
     (bits 0: no grid)."""
 
-    def __init__(self, name, call, weights, nbytes, dequantized, bits=0, group=0):
+    def __init__(self, name, call, weights, nbytes, dequantized, bits=0, group=0, norm=None):
         self.name, self.call, self.weights, self.nbytes, self.dequantized = name, call, weights, nbytes, dequantized
-        self.bits, self.group = bits, group
+        self.bits, self.group, self.norm = bits, group, norm  # norm: the RMSNorm weight the call applies to x first
 
     def time(self, x: torch.Tensor, **config) -> float:
         return graph_time([lambda w=w: self.call(x, w, **config) for w in self.weights], repeat=20)
 
     def error(self, x: torch.Tensor, **config) -> float:
-        ref = x.float() @ self.dequantized.float().T
+        normed = x.float() if self.norm is None else rms_norm(x.float(), self.norm.float(), 1e-5)
+        ref = normed @ self.dequantized.float().T
         return max_error(self.call(x, self.weights[0], **config), ref)
 
 
@@ -125,8 +129,11 @@ def load_before(path: str):
     return module
 
 
-def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[str], before=None) -> list[Method]:
-    """Every method at one shape; `before`: the module of --before, whose ops join them."""
+def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[str], before=None,
+                norm: bool = False) -> list[Method]:
+    """Every method at one shape; `before`: the module of --before, whose ops join them; `norm`: our kernels
+    apply an RMSNorm to x first (as a decode step's qkv and gate_up products do), beside the same kernels without
+    it."""
     q8 = int8_weights(N, K)
     deq8 = (q8[0][0].float() * q8[0][1].float()[:, None]).to(bf16)
     dense = [torch.randn(N, K, device=dev, dtype=bf16) * 0.02 for _ in range(copies(2 * N * K))]
@@ -135,6 +142,11 @@ def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[st
         Method("bf16 F.linear", lambda x, w: F.linear(x, w), dense, nbytes(dense[0]), deq8),
         Method("int8_linear", lambda x, w, **c: int8_linear(x, *w, **c), q8, nbytes(*q8[0]), deq8, bits=8),
     ]
+    if norm:
+        g = torch.rand(K, device=dev, dtype=bf16) + 0.5
+        methods[1] = Method("int8 norm inside", lambda x, w, **c: int8_linear(x, *w, norm_weight=g, eps=1e-5, **c),
+                            q8, nbytes(*q8[0]), deq8, bits=8, norm=g)
+        methods.append(Method("int8 without norm", lambda x, w: int8_linear(x, *w), q8, nbytes(*q8[0]), deq8))
     if before is not None:
         methods.append(Method("int8 before", lambda x, w: before.int8_linear(x, *w), q8, nbytes(*q8[0]), deq8))
     if torch_ops:
@@ -143,6 +155,12 @@ def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[st
         for G in (64, 128):
             q4 = int4_weights(N, K, G)
             deq4 = dequantize_int4(*q4[0], G).to(bf16)
+            if norm:
+                methods.append(Method(f"int4 g{G} norm inside", lambda x, w, G=G, **c: int4_linear(
+                    x, *w, G, norm_weight=g, eps=1e-5, **c), q4, nbytes(*q4[0]), deq4, bits=4, group=G, norm=g))
+                methods.append(Method(f"int4 g{G} without", lambda x, w, G=G: int4_linear(x, *w, G), q4,
+                                      nbytes(*q4[0]), deq4))
+                continue
             methods.append(Method(f"int4_linear g{G}", lambda x, w, G=G, **c: int4_linear(x, *w, G, **c), q4,
                                   nbytes(*q4[0]), deq4, bits=4, group=G))
             if before is not None:
@@ -221,10 +239,11 @@ def sweep(method: Method, shape: str, N: int, K: int, xs: dict, sms: int, log: l
     """Per row count: the default config's time and the best of the grid (each config's output checked)."""
     lines = []
     for M, x in xs.items():
-        default = default_config(method.bits, M, N, K, sms, method.group)
+        default = default_config(method.bits, M, N, K, sms, method.group, norm=method.norm is not None)
         timed = []
         for overrides in sweep_grid(method.bits, M, method.group):
-            config = default_config(method.bits, M, N, K, sms, method.group, **overrides)
+            config = default_config(method.bits, M, N, K, sms, method.group, norm=method.norm is not None,
+                                    **overrides)
             try:
                 error = method.error(x, **config)
                 seconds = method.time(x, **config) if error <= 1e-2 else math.inf
@@ -323,6 +342,8 @@ def main() -> None:
     parser.add_argument("--warm-worker", default="", help=argparse.SUPPRESS)  # i/n: compile every n-th call
     parser.add_argument("--out", default="", help="a folder for the full sweep (sweep.txt) and the table")
     parser.add_argument("--before", default="", help="another version of llama/quant_kernels.py to time beside")
+    parser.add_argument("--norm", action="store_true", help="our kernels normalise x first (RMSNorm inside), "
+                        "beside the norm as a kernel of its own")
     args = parser.parse_args()
     before = load_before(args.before) if args.before else None
     rows = [int(r) for r in args.rows.split(",")]
@@ -355,7 +376,7 @@ def main() -> None:
     for shape, N, K, with_int4 in SHAPES:
         if chosen and shape not in chosen:
             continue
-        methods = methods_for(N, K, with_int4, not args.no_torch_ops, notes, before)
+        methods = methods_for(N, K, with_int4, not args.no_torch_ops, notes, before, args.norm)
         xs = {M: torch.randn(M, K, device=dev, dtype=bf16) for M in rows}
         for i, method in enumerate(methods):
             label = f"{shape:<11} {N:6d} {K:6d}" if i == 0 else " " * 25

@@ -239,6 +239,35 @@ def test_blocks_with_hooks_are_not_fused(tiny):
     assert not any(hasattr(block.forward, "unfused") for block in model.layers)
 
 
+def test_gpu_fused_blocks_route_each_norm_and_residual_as_the_block_does(tiny):
+    """quant.fuse_gpu_decode's blocks hand each norm and residual add to a product (`QuantizedLinear.fused`, whose
+    one-row GPU kernels take them in: tests/test_quant_kernels.py checks those). On a CPU `fused` computes them as
+    written, so with the blocks swapped in, a decode step of one token must give the very logits of the blocks' own
+    forward (the two norms of each block given different weights), and two rows the same as before."""
+    model = llama.Llama.from_pretrained(tiny, device="cpu", progress=False, quantize="int4", group_size=32).model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for block in model.layers:
+            block.forward = block.forward.unfused  # (the CPU's fused C++ blocks off)
+            block.attention_norm.weight.uniform_(0.5, 1.5)
+            block.mlp_norm.weight.uniform_(0.5, 1.5)
+    assert not quant.fuse_gpu_decode(model)  # (CPU layers: it applies to GPU ones only)
+
+    def decode(rows: int) -> list[torch.Tensor]:
+        model.setup_cache(rows, 32)
+        with torch.inference_mode():
+            out = [model(torch.tensor(TOKENS[:rows]), torch.arange(12))]
+            out += [model(torch.tensor([[t]] * rows), torch.full((rows, 1), 12 + i), span=13 + i)
+                    for i, t in enumerate([7, 300, 42])]
+        return out
+
+    plain = [decode(1), decode(2)]
+    for block in model.layers:
+        block.forward = quant._fused_gpu_decode(block, block.forward)
+    for fused, expected in zip([decode(1), decode(2)], plain):
+        assert all(torch.equal(a, b) for a, b in zip(fused, expected))
+
+
 @pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32)])
 def test_compiled_quantized_decoding_is_eager_decoding(tiny, mode, group):
     """compile=True on a CPU: the layers, compiled for one token, call the C++ kernels inside the graph."""

@@ -44,16 +44,28 @@ Builder.cast_impl = _cast_rounding_to_nearest
 
 UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
-def check(y, x, w, dtype, case, x16=False):
-    \"\"\"y [M, N] against x [M, K] @ w [N, K]^T in float64, within the module docstring's tolerance (x16: plus
-    the rounding of x to 16 bits, at most 2^-16 of the row's largest |x| per value).\"\"\"
+def check(y, x, w, dtype, case, x16=False, residual=None):
+    \"\"\"y [M, N] against x [M, K] @ w [N, K]^T (+ residual) in float64, within the module docstring's tolerance
+    (x16: plus the rounding of x to 16 bits, at most 2^-16 of the row's largest |x| per value).\"\"\"
     assert y.dtype == dtype and y.shape == (x.shape[0], w.shape[0]), (case, y.dtype, y.shape)
-    ref = x.double() @ w.T
+    ref = x.double() @ w.T + (0 if residual is None else residual.double())
     slack = x.double().abs() @ w.abs().T
     if x16:
         slack += 1.6 * x.double().abs().amax(1, keepdim=True) * w.abs().sum(1)[None, :]
     excess = ((y.double() - ref).abs() - UNIT_ROUNDOFF[dtype] * ref.abs() - 1e-5 * slack).max().item()
     assert excess <= 0, (case, excess)
+
+def ends(M, N, K, dtype, config):
+    \"\"\"A case's RMSNorm weight and residual, and the x the product then sees, given x -> x as normalised: exactly
+    (float64) for the GEMV, which normalises inside; for the tl.dot kernel rounded as llama.model.rms_norm is.\"\"\"
+    from llama.model import rms_norm
+    g, residual = (torch.rand(K) + 0.5).to(dtype), torch.randn(M, N).to(dtype)
+    def normed(x, gemv):
+        if gemv:
+            x = x.double()
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()
+        return rms_norm(x, g, 1e-5)
+    return dict(norm_weight=g, eps=1e-5, residual=residual), normed
 
 torch.manual_seed(0)
 """
@@ -70,12 +82,15 @@ cases = [  # (M, N, K, config): the path each exercises
 ]
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for M, N, K, config in cases:
-        x = torch.randn(M, K).to(dtype)
-        q = torch.randint(-128, 128, (N, K), dtype=torch.int8)  # -128 too: the sign-bit flip must undo it
-        scale = (torch.rand(N) * 0.02 + 0.001).to(dtype)
-        y = int8_linear(x, q, scale, **config)
-        gemv = config.get("block_m", 1 if M == 1 else 16) == 1
-        check(y, x, q.double() * scale.double()[:, None], dtype, (dtype, M, N, K, config), x16=gemv)
+        for with_ends in (False, True):  # with_ends: an RMSNorm before the product, a residual added after it
+            x = torch.randn(M, K).to(dtype)
+            q = torch.randint(-128, 128, (N, K), dtype=torch.int8)  # -128 too: the sign-bit flip must undo it
+            scale = (torch.rand(N) * 0.02 + 0.001).to(dtype)
+            gemv = config.get("block_m", 1 if M == 1 else 16) == 1
+            extra, normed = ends(M, N, K, dtype, config) if with_ends else ({}, lambda x, gemv: x)
+            y = int8_linear(x, q, scale, **extra, **config)
+            check(y, normed(x, gemv), q.double() * scale.double()[:, None], dtype, (dtype, M, N, K, config, with_ends),
+                  x16=gemv, residual=extra.get("residual"))
 print("ok")
 """
 
@@ -95,16 +110,19 @@ cases = [  # (M, N, K, G, config): the path each exercises
     (2, 40, 384, 64, dict(block_k=256)),                   # dot, four groups a step: a scale per unit, K ragged
 ]
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for M, N, K, G, config in cases:
-        x = torch.randn(M, K).to(dtype)
-        qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
-        scales = (torch.rand(N, K // G) * 0.02 + 0.001).to(dtype)
-        mins = (-torch.rand(N, K // G) * 0.15).to(dtype)
-        y = int4_linear(x, qweight, scales, mins, G, **config)
-        q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(N, K).double()  # low nibble first
-        w = q * scales.double().repeat_interleave(G, 1) + mins.double().repeat_interleave(G, 1)
-        gemv = config.get("block_m", 1 if M == 1 else 16) == 1
-        check(y, x, w if gemv else w.float().to(dtype).double(), dtype, (dtype, M, N, K, G, config), x16=gemv)
+    for index, (M, N, K, G, config) in enumerate(cases):
+        for with_ends in (False, True) if index in (0, 2, 3, 5) else (False,):  # as in int8, on 4 of the paths
+            x = torch.randn(M, K).to(dtype)
+            qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+            scales = (torch.rand(N, K // G) * 0.02 + 0.001).to(dtype)
+            mins = (-torch.rand(N, K // G) * 0.15).to(dtype)
+            gemv = config.get("block_m", 1 if M == 1 else 16) == 1
+            extra, normed = ends(M, N, K, dtype, config) if with_ends else ({}, lambda x, gemv: x)
+            y = int4_linear(x, qweight, scales, mins, G, **extra, **config)
+            q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(N, K).double()  # low nibble first
+            w = q * scales.double().repeat_interleave(G, 1) + mins.double().repeat_interleave(G, 1)
+            check(y, normed(x, gemv), w if gemv else w.float().to(dtype).double(), dtype,
+                  (dtype, M, N, K, G, config, with_ends), x16=gemv, residual=extra.get("residual"))
 print("ok")
 """
 
@@ -165,6 +183,8 @@ def test_default_config_takes_the_gemv_at_one_row_and_splits_k_only_for_idle_sms
     assert default_config(4, 1, 4096, 14336, H100, 64)["block_m"] == 1  # int4 at one row: the gemv too
     assert default_config(4, 1, 4096, 14336, H100, 64)["block_k"] == 2048  # int4: 1 KB of each row a step,
     assert default_config(4, 1, 28672, 4096, H100, 64)["block_k"] == 1024  # half a KB from 8k rows on
+    assert default_config(4, 1, 6144, 4096, H100, 64, norm=True)["block_k"] == 1024  # and with the norm inside,
+    assert default_config(8, 1, 6144, 4096, H100, norm=True)["block_k"] == 512  # for int8 too
     assert default_config(4, 1, 1024, 8192, H100, 64)["block_n"] == 8  # 64 blocks of 16 rows would idle half the SMs
     assert default_config(8, 16, 28672, 4096, H100)["split_k"] == 1  # 448 already
     assert [default_config(8, M, 4096, 4096, H100)["block_m"] for M in (2, 16, 17, 33, 200)] == [16, 16, 32, 64, 64]
