@@ -2,7 +2,8 @@
 transformers' own bf16 logits are, on a random checkpoint of the Llama 3.2 1B shape (all 16 layers).
 
     python scripts/gpu_check.py                  # exits 1 if a check fails
-    python scripts/gpu_check.py --no-quantized   # without the quantized layers' checks (most of its ~9 minutes)
+    python scripts/gpu_check.py --no-quantized   # without the quantized layers' checks (most of its ~11 minutes)
+    python scripts/gpu_check.py --only-quantized int4-g64,int4-g128   # only these quantized formats' checks
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def main() -> int:
 
     eager = Llama.from_pretrained(folder, device="cuda", dtype=torch.bfloat16, progress=False)
     compiled = CompiledDecodeStep()  # as `compile=True` builds it
+    if "--only-quantized" in sys.argv[1:]:
+        formats = sys.argv[sys.argv.index("--only-quantized") + 1].split(",")
+        ok = check_quantized(eager, tokens, relative_error(hf_bf16, fp32), compiled, formats)
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
     eager_steps = cached_logits(eager, tokens, 32, decode_step)
     eager.model.use_triton_kernels()  # as `compile=True` on a GPU does
     compiled_steps = cached_logits(eager, tokens, 32, compiled)
@@ -180,7 +186,11 @@ def check_joined_step(llm: Llama, tokens: torch.Tensor, fp32: torch.Tensor, base
     return ok
 
 
-def check_quantized(dense: Llama, tokens: torch.Tensor, baseline: float, compiled: CompiledDecodeStep) -> bool:
+FORMATS = {"int8": ("int8", None), "int4-g32": ("int4", 32), "int4-g64": ("int4", 64), "int4-g128": ("int4", 128)}
+
+
+def check_quantized(dense: Llama, tokens: torch.Tensor, baseline: float, compiled: CompiledDecodeStep,
+                    formats: list[str] = list(FORMATS)) -> bool:
     """The quantized layers' Triton kernels (full forward: the many-row kernels; cached decode: the one-row ones,
     eager and inside the compiled step) against the reference path, which multiplies by the dequantized weights
     with F.linear, on the same quantized values in bf16. They may differ by bf16 rounding alone: at most 1.5x
@@ -191,7 +201,7 @@ def check_quantized(dense: Llama, tokens: torch.Tensor, baseline: float, compile
     ok = True
     print("\n| quantized, kernels vs the dequantize + F.linear reference (bf16) | relative error | / transformers "
           "bf16 |\n|---|---|---|")
-    for mode, group in (("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)):
+    for mode, group in (FORMATS[name] for name in formats):
         model = quant.quantize_model(dense.model, quant.QuantizationConfig.make(mode, group))
         llm = Llama(model)
         quant.use_reference(model)
