@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llama import cpu_kernels
+from llama.model import silu_mul
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -177,18 +178,22 @@ class QuantizedLinear(nn.Module):
             y = F.linear(x, self.dequantized().to(x.dtype))
         return y if self.bias is None else y + self.bias
 
-    def fused(self, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
-        """residual + self(norm(x)), norm an RMSNorm (either may be None). On a GPU, for one row, the kernel takes
-        both in: it sums the norm's statistic as it walks x and multiplies x by the norm's weight on the way, and
-        adds the residual before its output is rounded (quant_kernels, `_finish`), so that a decode step's norms
-        and residual adds need no kernels of their own (`fuse_gpu_decode`)."""
+    def fused(self, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None,
+              swiglu: bool = False) -> Tensor:
+        """residual + self(norm(x)), norm an RMSNorm (either may be None), or with swiglu silu_mul(self(norm(x)))
+        (this layer SwiGLU's stacked gate and up projections). On a GPU, for one row, the kernel takes them all in:
+        it sums the norm's statistic as it walks x and multiplies x by the norm's weight on the way, and adds the
+        residual or applies SwiGLU to its outputs before they are rounded (quant_kernels, `_finish`), so that a
+        decode step's norms, residual adds and SiLU need no kernels of their own (`fuse_gpu_decode`)."""
         rows = x.numel() // x.shape[-1]
         if rows == 1 and x.is_cuda and self.kernel and self.bias is None and x.shape[-1] == self.qweight.shape[1] * (
                 2 if isinstance(self, Int4Linear) else 1):
             ends = dict(norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.eps,
-                        residual=None if residual is None else residual.reshape(1, self.out_features))
-            return self._kernel(x.reshape(1, x.shape[-1]), **ends).view(*x.shape[:-1], self.out_features)
+                        residual=None if residual is None else residual.reshape(1, self.out_features), swiglu=swiglu)
+            y = self._kernel(x.reshape(1, x.shape[-1]), **ends)
+            return y.view(*x.shape[:-1], y.shape[-1])
         y = self(x if norm is None else norm(x))
+        y = silu_mul(y) if swiglu else y
         return y if residual is None else residual + y
 
     def _native(self, x: Tensor, rows: int) -> bool:
@@ -336,11 +341,11 @@ def fuse_cpu_decode(model: nn.Module) -> bool:
 
 def fuse_gpu_decode(model: nn.Module) -> bool:
     """On a GPU, a decode step of one token (batch 1): each block's two RMSNorms go into the one-row kernels of
-    qkv_proj and gate_up_proj, and its two residual adds into those of o_proj and down_proj (`QuantizedLinear.
-    fused`): 64 kernels fewer a step at 8B, each of them a launch between products and a reduction that Inductor
-    tunes anew in each compilation (docs/benchmarks.md). Every other call takes the block's own forward. Applies
-    when every block's products are quantized GPU layers without hooks (tensor parallelism adds its all-reduce as
-    one); returns whether it did."""
+    qkv_proj and gate_up_proj, its SiLU into gate_up_proj's too, and its two residual adds into those of o_proj and
+    down_proj (`QuantizedLinear.fused`): 96 kernels fewer a step at 8B, each of them a launch between products,
+    and the norms reductions that Inductor tunes anew in each compilation (docs/benchmarks.md). Every other call
+    takes the block's own forward. Applies when every block's products are quantized GPU layers without hooks
+    (tensor parallelism adds its all-reduce as one); returns whether it did."""
     products = [p for block in model.layers for p in _products(block)]
     if not all(isinstance(p, QuantizedLinear) and p.qweight.is_cuda and not p._forward_hooks for p in products):
         return False
@@ -358,7 +363,7 @@ def _fused_gpu_decode(block: nn.Module, forward):
             return forward(x, cos, sin, input_pos, mask, *args)
         qkv = attention.qkv_proj.fused(x, norm=block.attention_norm)
         h = attention.o_proj.fused(attention.attend(qkv, cos, sin, input_pos, mask), residual=x)
-        return mlp.down_proj.fused(mlp.silu_mul(mlp.gate_up_proj.fused(h, norm=block.mlp_norm)), residual=h)
+        return mlp.down_proj.fused(mlp.gate_up_proj.fused(h, norm=block.mlp_norm, swiglu=True), residual=h)
 
     decode.unfused = forward
     return decode

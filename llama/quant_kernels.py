@@ -97,7 +97,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from llama.model import rms_norm
+from llama.model import rms_norm, silu_mul
 
 CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
 MAGIC = 0x4B000000  # the bits of the float32 2^23 (`_byte`)
@@ -214,18 +214,38 @@ def _x16_step(x_row, g_row, i, in_k, LANES: tl.constexpr, NORM: tl.constexpr):
 
 
 @triton.jit
+def _gemv_rows(pid_n, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
+    """(the weight rows n of a gemv's n block [BLOCK_N], which of them exist): BLOCK_N consecutive rows, or with
+    SWIGLU (N = 2F rows, the gate's, then the up projection's) BLOCK_N / 2 rows of the gate and the same rows of
+    the up projection, so that `_finish` holds both halves of each of its outputs."""
+    j = tl.arange(0, BLOCK_N)
+    if SWIGLU:
+        gate = pid_n * (BLOCK_N // 2) + j % (BLOCK_N // 2)
+        return tl.where(j < BLOCK_N // 2, gate, gate + N // 2), gate < N // 2
+    else:
+        n = pid_n * BLOCK_N + j
+        return n, n < N
+
+
+@triton.jit
 def _finish(out_ptr, y, m, n, M, N, split, pid_n, squares, K, ss_ptr, res_ptr, eps, NORM: tl.constexpr,
-            RESIDUAL: tl.constexpr, SPLIT: tl.constexpr):
+            RESIDUAL: tl.constexpr, SPLIT: tl.constexpr, SWIGLU: tl.constexpr):
     """Store a gemv's y [BLOCK_N] for row m. Whole (not SPLIT): y / rms(x) with rms(x) = sqrt(sum x^2 / K + eps)
     when NORM (the RMSNorm that came before the product: its weight already multiplied x, its statistic is
-    `squares` summed over K), plus the residual [M, N] when RESIDUAL. A split stores its partial sums and (the
-    first n block) its part of sum x^2 for `_sum_splits_kernel`, which finishes."""
+    `squares` summed over K), then with SWIGLU silu(gate) * up of the block's row pairs (`_gemv_rows`: out[m, :F],
+    F = N / 2), or plus the residual [M, N] when RESIDUAL. A split stores its partial sums and (the first n block)
+    its part of sum x^2 for `_sum_splits_kernel`, which finishes."""
     if SPLIT:
         if NORM:
             if pid_n == 0:
                 tl.store(ss_ptr + split * M + m, tl.sum(squares, axis=0))
     elif NORM:
         y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    if SWIGLU:
+        HALF: tl.constexpr = y.shape[0] // 2
+        gate, up = tl.split(tl.permute(tl.reshape(y, [2, HALF]), (1, 0)))
+        y = gate * tl.sigmoid(gate) * up
+        n, N = pid_n * HALF + tl.arange(0, HALF), N // 2
     _store(out_ptr, y, m, n, M, N, split, res_ptr, RESIDUAL and not SPLIT)
 
 
@@ -261,13 +281,14 @@ def _dot2(pairs, words, acc, HIGH: tl.constexpr, SIGNED: tl.constexpr, ASM: tl.c
 @triton.jit
 def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x, g_ptr, res_ptr, ss_ptr,
                       eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                      NORM: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr):
+                      NORM: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr, SWIGLU: tl.constexpr,
+                      ASM: tl.constexpr):
     """Program (n block, row m, split): y[m, n] = scale[n] sum_k x[m, k] q[n, k] for BLOCK_N rows n over the split's
     K range. Word i of a row holds q[n, 4i + t] in byte t; a step multiplies them by x rounded to 16 bits
     (`_x16_step`), two products an instruction summed exactly in int32 (`_dot2`), and acc[n, i] adds d times
-    that sum. NORM, RESIDUAL: x is normalised and the residual added on the way (`_finish`)."""
+    that sum. NORM, RESIDUAL, SWIGLU: x is normalised, the residual added, SwiGLU applied on the way (`_finish`)."""
     pid_n, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n, row_ok = _gemv_rows(pid_n, N, BLOCK_N, SWIGLU)  # [BLOCK_N]
     w_rows = w_ptr + n[:, None].to(tl.int64) * KW  # [BLOCK_N, 1]
     x_row = x_ptr + m * stride_x
     acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
@@ -276,15 +297,15 @@ def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, s
     for k0 in tl.range(start, tl.minimum(start + k_per_split, KW * 4), BLOCK_K, num_stages=NUM_STAGES):
         i = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # [BLOCK_K / 4] word index
         in_k = i < KW
-        words = tl.load(w_rows + i[None, :], mask=(n[:, None] < N) & in_k[None, :], other=0)
+        words = tl.load(w_rows + i[None, :], mask=row_ok[:, None] & in_k[None, :], other=0)
         p01, p23, d, _, step_squares = _x16_step(x_row, g_ptr, i, in_k, 4, NORM)
         dot = _dot2(p01[None, :], words, 0, False, True, ASM)  # bytes 0, 1
         dot = _dot2(p23[None, :], words, dot, True, True, ASM)  # bytes 2, 3
         acc = tl.fma(dot.to(tl.float32), d, acc)
         squares += step_squares
-    scale = tl.load(scale_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + n, mask=row_ok, other=0.0).to(tl.float32)
     _finish(out_ptr, tl.sum(acc, axis=1) * scale, m, n, M, N, split, pid_n, squares, KW * 4, ss_ptr, res_ptr, eps,
-            NORM, RESIDUAL, SPLIT)
+            NORM, RESIDUAL, SPLIT, SWIGLU)
 
 
 @triton.jit
@@ -321,16 +342,15 @@ def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, st
 def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x, g_ptr,
                       res_ptr, ss_ptr, eps, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       NUM_STAGES: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr,
-                      ASM: tl.constexpr):
+                      SWIGLU: tl.constexpr, ASM: tl.constexpr):
     """Program (n block, row m, split): y[m, n] over the split's K range for BLOCK_N rows n. Word i of a row holds
     q[n, 8i + t] in bits 4t..4t+3. A step covers GROUPS whole groups of G / 8 words, or part of one group
     (WORDS words); per group, y += s sum_k x_k q_k + mn sum_k x_k, the first sum over x rounded to 16 bits
-    (`_x16_step`) in int32, two products an instruction (`_dot2`), times d. NORM, RESIDUAL: as in int8."""
+    (`_x16_step`) in int32, two products an instruction (`_dot2`), times d. NORM, RESIDUAL, SWIGLU: as in int8."""
     WORDS: tl.constexpr = min(BLOCK_K, G) // 8  # words of one group in a step
     GROUPS: tl.constexpr = BLOCK_K // (8 * WORDS)
     pid_n, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    row_ok = n < N
+    n, row_ok = _gemv_rows(pid_n, N, BLOCK_N, SWIGLU)  # [BLOCK_N]
     NG = KW * 8 // G
     w_rows = w_ptr + n[:, None].to(tl.int64) * KW  # [BLOCK_N, 1]
     x_row = x_ptr + m * stride_x
@@ -356,7 +376,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
         total += s * (dot.to(tl.float32) * d) + mn * x_sum[None, :]
         squares += step_squares
     _finish(out_ptr, tl.sum(total, axis=1), m, n, M, N, split, pid_n, squares, KW * 8, ss_ptr, res_ptr, eps, NORM,
-            RESIDUAL, SPLIT)
+            RESIDUAL, SPLIT, SWIGLU)
 
 
 # Nibble t of each 16-bit unit (one per half of a 32-bit register) is ORed into the low mantissa bits of 128.0
@@ -534,18 +554,22 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
 
 def _launch(kernel, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, config: dict[str, int], *tail,
             norm_weight: Tensor | None = None, eps: float = 0.0, residual: Tensor | None = None,
-            **constexprs) -> Tensor:
+            swiglu: bool = False, **constexprs) -> Tensor:
     """Run a gemv (block_m = 1) or dot kernel on x [M, K] and words [N, KW], then add up the splits; -> y [M, N] =
-    residual + rms_norm(x) W^T (`llama.model.rms_norm`; each part only when given). The residual is added before
-    the output's one rounding; the gemvs normalise x inside (`_finish`), the dot kernels take it normalised."""
+    residual + rms_norm(x) W^T (`llama.model.rms_norm`; each part only when given), or with swiglu
+    `llama.model.silu_mul` of rms_norm(x) W^T, [M, N / 2]. The residual is added before the output's one rounding;
+    the gemvs normalise x and apply SwiGLU inside (`_finish`; SwiGLU without split-K), the dot kernels take x
+    normalised and SwiGLU is applied after them."""
     M, K = x.shape
+    if swiglu and config["block_m"] == 1:
+        config = config | dict(split_k=1)
     bm, bn, bk, split_k = config["block_m"], config["block_n"], config["block_k"], config["split_k"]
     if bm > 1 and norm_weight is not None:
         x, norm_weight = rms_norm(x, norm_weight, eps), None
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:  # the gemv reads 16-bit x as int32 pairs
         x = x.clone(memory_format=torch.contiguous_format)
     k_per_split = bk * triton.cdiv(triton.cdiv(K, bk), split_k)  # a multiple of BLOCK_K
-    out = x.new_empty(M, N)
+    out = x.new_empty(M, N // 2 if swiglu and bm == 1 else N)
     target = out if split_k == 1 else x.new_empty(split_k, M, N, dtype=torch.float32)
     norm, add = norm_weight is not None, residual is not None
     residual = residual.contiguous() if add else target  # (a pointer the kernels never read without `add`)
@@ -555,7 +579,7 @@ def _launch(kernel, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, 
         constexprs |= dict(BLOCK_M=bm, RESIDUAL=add and split_k == 1)
     else:
         tail = (norm_weight if norm else x, residual, squares, eps, *tail)
-        constexprs |= dict(NORM=norm, RESIDUAL=add, SPLIT=split_k > 1)
+        constexprs |= dict(NORM=norm, RESIDUAL=add, SPLIT=split_k > 1, SWIGLU=swiglu)
     torch.library.wrap_triton(kernel)[(triton.cdiv(N, bn), M if bm == 1 else triton.cdiv(M, bm), split_k)](
         x, words, *meta, target, M, N, words.shape[1], k_per_split, x.stride(0), *tail, BLOCK_N=bn, BLOCK_K=bk,
         NUM_STAGES=config["num_stages"], num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -565,20 +589,20 @@ def _launch(kernel, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, 
         torch.library.wrap_triton(_sum_splits_kernel)[(triton.cdiv(M * N, block),)](
             target, out, M, N, K, squares, residual, eps, SPLIT_K=split_k, BLOCK=block, NORM=norm, RESIDUAL=add,
             num_warps=4)
-    return out
+    return silu_mul(out) if swiglu and bm > 1 else out
 
 
 # ---------------------------------------------------------------------------- the ops
 @torch.library.triton_op("llama::int8_linear", mutates_args=())
 def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, norm_weight: Tensor | None = None, eps: float = 0.0,
-                 residual: Tensor | None = None, block_m: int = 0, block_n: int = 0, block_k: int = 0,
-                 split_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
+                 residual: Tensor | None = None, swiglu: bool = False, block_m: int = 0, block_n: int = 0,
+                 block_k: int = 0, split_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
     M, K = x.shape
     N = weight.shape[0]
     config = default_config(8, M, N, K, _sm_count(x.device), norm=norm_weight is not None, block_m=block_m,
                             block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
                             num_stages=num_stages)
-    ends = dict(norm_weight=norm_weight, eps=eps, residual=residual)
+    ends = dict(norm_weight=norm_weight, eps=eps, residual=residual, swiglu=swiglu)
     if config["block_m"] == 1:
         return _launch(_int8_gemv_kernel, x, weight.view(torch.int32), (scale,), N, config, **ends, ASM=x.is_cuda)
     return _launch(_int8_dot_kernel, x, weight.view(torch.int32), (scale,), N, config, MAGIC, **ends)
@@ -587,14 +611,14 @@ def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, norm_weight: Tensor |
 @torch.library.triton_op("llama::int4_linear", mutates_args=())
 def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int,
                  norm_weight: Tensor | None = None, eps: float = 0.0, residual: Tensor | None = None,
-                 block_m: int = 0, block_n: int = 0, block_k: int = 0, split_k: int = 0, num_warps: int = 0,
-                 num_stages: int = 0) -> Tensor:
+                 swiglu: bool = False, block_m: int = 0, block_n: int = 0, block_k: int = 0, split_k: int = 0,
+                 num_warps: int = 0, num_stages: int = 0) -> Tensor:
     M, K = x.shape
     N = qweight.shape[0]
     config = default_config(4, M, N, K, _sm_count(x.device), group_size, x.element_size(), norm_weight is not None,
                             block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
                             num_stages=num_stages)
-    ends = dict(norm_weight=norm_weight, eps=eps, residual=residual)
+    ends = dict(norm_weight=norm_weight, eps=eps, residual=residual, swiglu=swiglu)
     if config["block_m"] == 1:
         return _launch(_int4_gemv_kernel, x, qweight.view(torch.int32), (scales, mins), N, config, **ends,
                        G=group_size, ASM=x.is_cuda)
@@ -604,33 +628,35 @@ def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, norm_weight: Tensor | None = None, eps: float = 0.0,
-                residual: Tensor | None = None, block_m: int = 0, block_n: int = 0, block_k: int = 0,
-                split_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
+                residual: Tensor | None = None, swiglu: bool = False, block_m: int = 0, block_n: int = 0,
+                block_k: int = 0, split_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
     """x [M, K] (bf16, fp16 or fp32), weight int8 [N, K], scale [N] in x's dtype -> y [M, N] in x's dtype:
 
         y[m, n] = scale[n] * sum_k x[m, k] weight[n, k]        (float32 sums)
 
     With norm_weight [K] (and eps), x is first normalised as `llama.model.rms_norm` does; with residual [M, N],
-    it is added to y (both inside the GEMV, around it for the tl.dot kernel: `_launch`). K must be a multiple of
-    4 (the weight is read as int32 words). The other keywords override `default_config` (0: the default);
+    it is added to y; with swiglu, y [M, N / 2] is `llama.model.silu_mul` of the product (all three inside the
+    GEMV, around it for the tl.dot kernel: `_launch`). K must be a multiple of 4 (the weight is read as int32
+    words). The other keywords override `default_config` (0: the default);
     block_m = 1 is the GEMV kernel, block_m >= 16 the tl.dot one."""
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1], (x.shape, weight.shape)
     assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] % 4 == 0, "int8 [N, K], K % 4 = 0"
     assert scale.shape == (weight.shape[0],) and scale.is_contiguous(), scale.shape
-    _check_ends(x, weight.shape[0], norm_weight, residual)
-    return _int8_linear(x, weight, scale, norm_weight, eps, residual, block_m, block_n, block_k, split_k, num_warps,
-                        num_stages)
+    _check_ends(x, weight.shape[0], norm_weight, residual, swiglu)
+    return _int8_linear(x, weight, scale, norm_weight, eps, residual, swiglu, block_m, block_n, block_k, split_k,
+                        num_warps, num_stages)
 
 
-def _check_ends(x: Tensor, N: int, norm_weight: Tensor | None, residual: Tensor | None) -> None:
+def _check_ends(x: Tensor, N: int, norm_weight: Tensor | None, residual: Tensor | None, swiglu: bool) -> None:
     assert norm_weight is None or (norm_weight.shape == x.shape[1:] and norm_weight.is_contiguous()), norm_weight
     assert residual is None or (residual.shape == (x.shape[0], N) and residual.dtype == x.dtype), residual
+    assert not swiglu or (N % 2 == 0 and residual is None), "swiglu: an even N (gate, then up), no residual"
 
 
 def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int, *,
                 norm_weight: Tensor | None = None, eps: float = 0.0, residual: Tensor | None = None,
-                block_m: int = 0, block_n: int = 0, block_k: int = 0, split_k: int = 0, num_warps: int = 0,
-                num_stages: int = 0) -> Tensor:
+                swiglu: bool = False, block_m: int = 0, block_n: int = 0, block_k: int = 0, split_k: int = 0,
+                num_warps: int = 0, num_stages: int = 0) -> Tensor:
     """x [M, K] (bf16, fp16 or fp32), qweight uint8 [N, K / 2], scales and mins [N, K / G] in x's dtype, G =
     group_size in {32, 64, 128, 256} dividing K -> y [M, N] in x's dtype:
 
@@ -638,12 +664,12 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_
         w[n, k] = q[n, k] * scales[n, k // G] + mins[n, k // G]
         y = x @ w.T                                             (float32 sums)
 
-    norm_weight, eps and residual as in `int8_linear`. The other keywords override `default_config` (0: the
+    norm_weight, eps, residual and swiglu as in `int8_linear`. The other keywords override `default_config` (0: the
     default); block_m = 1 is the GEMV kernel, block_m >= 16 the tl.dot one."""
     N, K = qweight.shape[0], x.shape[1]
     assert x.dim() == 2 and group_size in (32, 64, 128, 256) and K % group_size == 0, (x.shape, group_size)
     assert qweight.dtype == torch.uint8 and qweight.shape == (N, K // 2) and qweight.is_contiguous(), qweight.shape
     assert scales.shape == mins.shape == (N, K // group_size) and scales.is_contiguous() and mins.is_contiguous()
-    _check_ends(x, N, norm_weight, residual)
-    return _int4_linear(x, qweight, scales, mins, group_size, norm_weight, eps, residual, block_m, block_n, block_k,
-                        split_k, num_warps, num_stages)
+    _check_ends(x, N, norm_weight, residual, swiglu)
+    return _int4_linear(x, qweight, scales, mins, group_size, norm_weight, eps, residual, swiglu, block_m, block_n,
+                        block_k, split_k, num_warps, num_stages)

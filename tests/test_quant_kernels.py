@@ -55,6 +55,26 @@ def check(y, x, w, dtype, case, x16=False, residual=None):
     excess = ((y.double() - ref).abs() - UNIT_ROUNDOFF[dtype] * ref.abs() - 1e-5 * slack).max().item()
     assert excess <= 0, (case, excess)
 
+def check_swiglu(y, x, w, dtype, case, x16=False):
+    \"\"\"y [M, N / 2] against silu(gate) * up of x @ w^T in float64 (gate its first N / 2 columns, up the rest).
+    Each of gate and up may be off by `check`'s tolerance and by a rounding to the output's dtype (the tl.dot
+    path rounds them before SwiGLU); that moves silu(gate) * up by at most 1.1 |up| e_gate + |silu(gate)| e_up
+    (silu' <= 1.1), and its own rounding adds 2 u |result|.\"\"\"
+    F = w.shape[0] // 2
+    assert y.dtype == dtype and y.shape == (x.shape[0], F), (case, y.dtype, y.shape)
+    full = x.double() @ w.T
+    slack = x.double().abs() @ w.abs().T
+    if x16:
+        slack += 1.6 * x.double().abs().amax(1, keepdim=True) * w.abs().sum(1)[None, :]
+    slack *= 1e-5
+    u = UNIT_ROUNDOFF[dtype]
+    slack += u * full.abs()
+    gate, up = full[:, :F], full[:, F:]
+    ref = torch.nn.functional.silu(gate) * up
+    bound = 1.1 * up.abs() * slack[:, :F] + torch.nn.functional.silu(gate).abs() * slack[:, F:] + 2 * u * ref.abs()
+    excess = ((y.double() - ref).abs() - bound).max().item()
+    assert excess <= 0, (case, excess)
+
 def ends(M, N, K, dtype, config):
     \"\"\"A case's RMSNorm weight and residual, and the x the product then sees, given x -> x as normalised: exactly
     (float64) for the GEMV, which normalises inside; for the tl.dot kernel rounded as llama.model.rms_norm is.\"\"\"
@@ -91,6 +111,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             y = int8_linear(x, q, scale, **extra, **config)
             check(y, normed(x, gemv), q.double() * scale.double()[:, None], dtype, (dtype, M, N, K, config, with_ends),
                   x16=gemv, residual=extra.get("residual"))
+            if with_ends:  # the gate and up projection: the norm before, SwiGLU after
+                del extra["residual"]
+                y = int8_linear(x, q, scale, swiglu=True, **extra, **config)
+                check_swiglu(y, normed(x, gemv), q.double() * scale.double()[:, None], dtype,
+                             (dtype, M, N, K, config, "swiglu"), x16=gemv)
 print("ok")
 """
 
@@ -121,8 +146,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             y = int4_linear(x, qweight, scales, mins, G, **extra, **config)
             q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(N, K).double()  # low nibble first
             w = q * scales.double().repeat_interleave(G, 1) + mins.double().repeat_interleave(G, 1)
-            check(y, normed(x, gemv), w if gemv else w.float().to(dtype).double(), dtype,
-                  (dtype, M, N, K, G, config, with_ends), x16=gemv, residual=extra.get("residual"))
+            w = w if gemv else w.float().to(dtype).double()
+            check(y, normed(x, gemv), w, dtype, (dtype, M, N, K, G, config, with_ends), x16=gemv,
+                  residual=extra.get("residual"))
+            if with_ends:  # as in int8
+                del extra["residual"]
+                y = int4_linear(x, qweight, scales, mins, G, swiglu=True, **extra, **config)
+                check_swiglu(y, normed(x, gemv), w, dtype, (dtype, M, N, K, G, config, "swiglu"), x16=gemv)
 print("ok")
 """
 
