@@ -568,6 +568,8 @@ def _launch(kernel, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, 
         x, norm_weight = rms_norm(x, norm_weight, eps), None
     if x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:  # the gemv reads 16-bit x as int32 pairs
         x = x.clone(memory_format=torch.contiguous_format)
+    if norm_weight is not None and norm_weight.storage_offset() % 2:  # (and the norm's weight as x)
+        norm_weight = norm_weight.clone()
     k_per_split = bk * triton.cdiv(triton.cdiv(K, bk), split_k)  # a multiple of BLOCK_K
     out = x.new_empty(M, N // 2 if swiglu and bm == 1 else N)
     target = out if split_k == 1 else x.new_empty(split_k, M, N, dtype=torch.float32)
