@@ -67,7 +67,8 @@ RMSNorm before qkv and gate_up (x times the norm's weight as it is read, sum x^2
 1 / rms at the end), SwiGLU after gate_up (a program takes BLOCK_N / 2 rows of the gate and the same rows of the
 up projection, `_gemv_rows`, and stores silu(gate) * up), the residual add after o and down (before the one
 rounding). Each program walks all of x, so the norm's work on x is repeated in every program: on an H100 it costs
-gate_up 3.2 µs of its 29.5 at 8B int4, where the norm's own kernel and launch cost 2.5-4 µs (docs/benchmarks.md).
+gate_up 3.2 µs of its 29.5 at 8B int4, where the norm's own kernel and the gap before it took 2.4-4.7 µs
+(docs/benchmarks.md).
 
 Split-K. With SPLIT_K > 1 each program covers 1 / SPLIT_K of K and writes float32 partial sums [SPLIT_K, M, N]
 that a second small kernel adds up. It pays only when the n blocks alone leave SMs idle: a small N (tensor-
