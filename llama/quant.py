@@ -156,6 +156,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.padded_in_features = in_features  # the features the kernels read (int4 pads them to whole groups)
         self.kernel = True  # False: the reference formula
         self.packed = False  # `pack` has run (the loader calls it; a layer made by hand, at its first product)
         self.native = False  # the C++ kernels of cpu_kernels.py (chosen by `pack` on a CPU)
@@ -186,8 +187,7 @@ class QuantizedLinear(nn.Module):
         residual or applies SwiGLU to its outputs before they are rounded (quant_kernels, `_finish`), so that a
         decode step's norms, residual adds and SiLU need no kernels of their own (`fuse_gpu_decode`)."""
         rows = x.numel() // x.shape[-1]
-        if rows == 1 and x.is_cuda and self.kernel and self.bias is None and x.shape[-1] == self.qweight.shape[1] * (
-                2 if isinstance(self, Int4Linear) else 1):
+        if rows == 1 and x.is_cuda and self.kernel and self.bias is None and x.shape[-1] == self.padded_in_features:
             ends = dict(norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.eps,
                         residual=None if residual is None else residual.reshape(1, self.out_features), swiglu=swiglu)
             y = self._kernel(x.reshape(1, x.shape[-1]), **ends)

@@ -647,8 +647,8 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, norm_weight: Tensor
     With norm_weight [K] (and eps), x is first normalised as `llama.model.rms_norm` does; with residual [M, N],
     it is added to y; with swiglu, y [M, N / 2] is `llama.model.silu_mul` of the product (all three inside the
     GEMV, around it for the tl.dot kernel: `_launch`). K must be a multiple of 4 (the weight is read as int32
-    words). The other keywords override `default_config` (0: the default);
-    block_m = 1 is the GEMV kernel, block_m >= 16 the tl.dot one."""
+    words). The other keywords override `default_config` (0: the default); block_m = 1 is the GEMV kernel,
+    block_m >= 16 the tl.dot one."""
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1], (x.shape, weight.shape)
     assert weight.dtype == torch.int8 and weight.is_contiguous() and weight.shape[1] % 4 == 0, "int8 [N, K], K % 4 = 0"
     assert scale.shape == (weight.shape[0],) and scale.is_contiguous(), scale.shape
@@ -656,11 +656,6 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, norm_weight: Tensor
     return _int8_linear(x, weight, scale, norm_weight, eps, residual, swiglu, block_m, block_n, block_k, split_k,
                         num_warps, num_stages)
 
-
-def _check_ends(x: Tensor, N: int, norm_weight: Tensor | None, residual: Tensor | None, swiglu: bool) -> None:
-    assert norm_weight is None or (norm_weight.shape == x.shape[1:] and norm_weight.is_contiguous()), norm_weight
-    assert residual is None or (residual.shape == (x.shape[0], N) and residual.dtype == x.dtype), residual
-    assert not swiglu or (N % 2 == 0 and residual is None), "swiglu: an even N (gate, then up), no residual"
 
 
 def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int, *,
@@ -683,3 +678,9 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_
     _check_ends(x, N, norm_weight, residual, swiglu)
     return _int4_linear(x, qweight, scales, mins, group_size, norm_weight, eps, residual, swiglu, block_m, block_n,
                         block_k, split_k, num_warps, num_stages)
+
+
+def _check_ends(x: Tensor, N: int, norm_weight: Tensor | None, residual: Tensor | None, swiglu: bool) -> None:
+    assert norm_weight is None or (norm_weight.shape == x.shape[1:] and norm_weight.is_contiguous()), norm_weight
+    assert residual is None or (residual.shape == (x.shape[0], N) and residual.dtype == x.dtype), residual
+    assert not swiglu or (N % 2 == 0 and residual is None), "swiglu: an even N (gate, then up), no residual"

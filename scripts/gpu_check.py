@@ -196,7 +196,7 @@ def check_quantized(dense: Llama, tokens: torch.Tensor, baseline: float, compile
     with F.linear, on the same quantized values in bf16. They may differ by bf16 rounding alone: at most 1.5x
     transformers' own bf16 error against float32. The full forward is of 4 x 96 tokens: from 512 rows
     (`quant.GPU_DENSE_ROWS`) the layers take the reference path themselves. Batch 1 is decoded too: its steps take
-    the norms and residual adds into the one-row kernels (`quant.fuse_gpu_decode`)."""
+    the norms, residual adds and SiLU into the one-row kernels (`quant.fuse_gpu_decode`)."""
     rows = tokens[:, :96]
     ok = True
     print("\n| quantized, kernels vs the dequantize + F.linear reference (bf16) | relative error | / transformers "

@@ -158,7 +158,7 @@ def methods_for(N: int, K: int, with_int4: bool, torch_ops: bool, notes: list[st
             if norm:
                 methods.append(Method(f"int4 g{G} norm inside", lambda x, w, G=G, **c: int4_linear(
                     x, *w, G, norm_weight=g, eps=1e-5, **c), q4, nbytes(*q4[0]), deq4, bits=4, group=G, norm=g))
-                methods.append(Method(f"int4 g{G} without", lambda x, w, G=G: int4_linear(x, *w, G), q4,
+                methods.append(Method(f"int4 g{G} without norm", lambda x, w, G=G: int4_linear(x, *w, G), q4,
                                       nbytes(*q4[0]), deq4))
                 continue
             methods.append(Method(f"int4_linear g{G}", lambda x, w, G=G, **c: int4_linear(x, *w, G, **c), q4,
@@ -343,7 +343,7 @@ def main() -> None:
     parser.add_argument("--out", default="", help="a folder for the full sweep (sweep.txt) and the table")
     parser.add_argument("--before", default="", help="another version of llama/quant_kernels.py to time beside")
     parser.add_argument("--norm", action="store_true", help="our kernels normalise x first (RMSNorm inside), "
-                        "beside the norm as a kernel of its own")
+                        "beside the same kernels without it")
     args = parser.parse_args()
     before = load_before(args.before) if args.before else None
     rows = [int(r) for r in args.rows.split(",")]

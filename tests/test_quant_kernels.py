@@ -44,15 +44,20 @@ Builder.cast_impl = _cast_rounding_to_nearest
 
 UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
-def check(y, x, w, dtype, case, x16=False, residual=None):
-    \"\"\"y [M, N] against x [M, K] @ w [N, K]^T (+ residual) in float64, within the module docstring's tolerance
-    (x16: plus the rounding of x to 16 bits, at most 2^-16 of the row's largest |x| per value).\"\"\"
-    assert y.dtype == dtype and y.shape == (x.shape[0], w.shape[0]), (case, y.dtype, y.shape)
-    ref = x.double() @ w.T + (0 if residual is None else residual.double())
+def sums_slack(x, w, x16):
+    \"\"\"[M, N]: what the float32 sums may be off by, 1e-5 sum_k |x_k w_k| (x16: plus the rounding of x to 16 bits,
+    at most 2^-16 of the row's largest |x| per value, 1.6e-5 of it times sum_k |w_k|).\"\"\"
     slack = x.double().abs() @ w.abs().T
     if x16:
         slack += 1.6 * x.double().abs().amax(1, keepdim=True) * w.abs().sum(1)[None, :]
-    excess = ((y.double() - ref).abs() - UNIT_ROUNDOFF[dtype] * ref.abs() - 1e-5 * slack).max().item()
+    return 1e-5 * slack
+
+def check(y, x, w, dtype, case, x16=False, residual=None):
+    \"\"\"y [M, N] against x [M, K] @ w [N, K]^T (+ residual) in float64, within the module docstring's tolerance
+    (`sums_slack`).\"\"\"
+    assert y.dtype == dtype and y.shape == (x.shape[0], w.shape[0]), (case, y.dtype, y.shape)
+    ref = x.double() @ w.T + (0 if residual is None else residual.double())
+    excess = ((y.double() - ref).abs() - UNIT_ROUNDOFF[dtype] * ref.abs() - sums_slack(x, w, x16)).max().item()
     assert excess <= 0, (case, excess)
 
 def check_swiglu(y, x, w, dtype, case, x16=False):
@@ -63,21 +68,18 @@ def check_swiglu(y, x, w, dtype, case, x16=False):
     F = w.shape[0] // 2
     assert y.dtype == dtype and y.shape == (x.shape[0], F), (case, y.dtype, y.shape)
     full = x.double() @ w.T
-    slack = x.double().abs() @ w.abs().T
-    if x16:
-        slack += 1.6 * x.double().abs().amax(1, keepdim=True) * w.abs().sum(1)[None, :]
-    slack *= 1e-5
     u = UNIT_ROUNDOFF[dtype]
-    slack += u * full.abs()
+    slack = sums_slack(x, w, x16) + u * full.abs()
     gate, up = full[:, :F], full[:, F:]
     ref = torch.nn.functional.silu(gate) * up
     bound = 1.1 * up.abs() * slack[:, :F] + torch.nn.functional.silu(gate).abs() * slack[:, F:] + 2 * u * ref.abs()
     excess = ((y.double() - ref).abs() - bound).max().item()
     assert excess <= 0, (case, excess)
 
-def ends(M, N, K, dtype, config):
-    \"\"\"A case's RMSNorm weight and residual, and the x the product then sees, given x -> x as normalised: exactly
-    (float64) for the GEMV, which normalises inside; for the tl.dot kernel rounded as llama.model.rms_norm is.\"\"\"
+def ends(M, N, K, dtype):
+    \"\"\"A case's RMSNorm weight and residual, and normed(x, gemv): x as the product sees it, normalised by the
+    formula in float64 for the GEMV (which normalises inside), rounded as llama.model.rms_norm rounds it for the
+    tl.dot kernel (which takes x normalised).\"\"\"
     from llama.model import rms_norm
     g, residual = (torch.rand(K) + 0.5).to(dtype), torch.randn(M, N).to(dtype)
     def normed(x, gemv):
@@ -107,7 +109,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             q = torch.randint(-128, 128, (N, K), dtype=torch.int8)  # -128 too: the sign-bit flip must undo it
             scale = (torch.rand(N) * 0.02 + 0.001).to(dtype)
             gemv = config.get("block_m", 1 if M == 1 else 16) == 1
-            extra, normed = ends(M, N, K, dtype, config) if with_ends else ({}, lambda x, gemv: x)
+            extra, normed = ends(M, N, K, dtype) if with_ends else ({}, lambda x, gemv: x)
             y = int8_linear(x, q, scale, **extra, **config)
             check(y, normed(x, gemv), q.double() * scale.double()[:, None], dtype, (dtype, M, N, K, config, with_ends),
                   x16=gemv, residual=extra.get("residual"))
@@ -142,7 +144,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             scales = (torch.rand(N, K // G) * 0.02 + 0.001).to(dtype)
             mins = (-torch.rand(N, K // G) * 0.15).to(dtype)
             gemv = config.get("block_m", 1 if M == 1 else 16) == 1
-            extra, normed = ends(M, N, K, dtype, config) if with_ends else ({}, lambda x, gemv: x)
+            extra, normed = ends(M, N, K, dtype) if with_ends else ({}, lambda x, gemv: x)
             y = int4_linear(x, qweight, scales, mins, G, **extra, **config)
             q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(N, K).double()  # low nibble first
             w = q * scales.double().repeat_interleave(G, 1) + mins.double().repeat_interleave(G, 1)
