@@ -6,8 +6,10 @@ int4_linear   y[m, n] = sum_k x[m, k] (q[n, k] s[n, g] + mn[n, g])        g = k 
 
 x is [M, K] in bf16, fp16 or fp32, the scales in x's dtype, the output [M, N] in x's dtype; every sum is
 accumulated in float32 (the gemvs: in int32 over a step, then in float32). Both are custom ops
-(`llama::int8_linear`, `llama::int4_linear`): inside a compiled graph Inductor launches the kernels as they are,
-with a launch config fixed when the graph is built.
+(`llama::int8_linear`, `llama::int4_linear`) that launch their kernels themselves, with programmatic dependent
+launch on Hopper and later GPUs (`llama.kernels.launch`: each kernel starts during the last wave of the one before
+it and waits inside for its inputs); inside a compiled graph Inductor calls them as they are, and the CUDA graph
+records their launches, with a launch config fixed when the graph is built.
 
 A decode step reads every weight once, so these kernels are judged by the weight bytes they stream per second.
 Two kernels per format:
@@ -105,6 +107,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from llama.kernels import launch, let_next_start, wait_for_inputs
 from llama.model import rms_norm, silu_mul
 
 CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
@@ -290,7 +293,7 @@ def _dot2(pairs, words, acc, HIGH: tl.constexpr, SIGNED: tl.constexpr, ASM: tl.c
 def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x, g_ptr, res_ptr, ss_ptr,
                       eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
                       NORM: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr, SWIGLU: tl.constexpr,
-                      ASM: tl.constexpr):
+                      ASM: tl.constexpr, PDL: tl.constexpr):
     """Program (n block, row m, split): y[m, n] = scale[n] sum_k x[m, k] q[n, k] for BLOCK_N rows n over the split's
     K range. Word i of a row holds q[n, 4i + t] in byte t; a step multiplies them by x rounded to 16 bits
     (`_x16_step`), two products an instruction summed exactly in int32 (`_dot2`), and acc[n, i] adds d times
@@ -302,6 +305,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, s
     acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
     squares = tl.zeros([BLOCK_K // 4], dtype=tl.float32)
     start = split * k_per_split
+    wait_for_inputs(PDL)
     for k0 in tl.range(start, tl.minimum(start + k_per_split, KW * 4), BLOCK_K, num_stages=NUM_STAGES):
         i = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # [BLOCK_K / 4] word index
         in_k = i < KW
@@ -311,6 +315,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, s
         dot = _dot2(p23[None, :], words, dot, True, True, ASM)  # bytes 2, 3
         acc = tl.fma(dot.to(tl.float32), d, acc)
         squares += step_squares
+    let_next_start(PDL)
     scale = tl.load(scale_ptr + n, mask=row_ok, other=0.0).to(tl.float32)
     _finish(out_ptr, tl.sum(acc, axis=1) * scale, m, n, M, N, split, pid_n, squares, KW * 4, ss_ptr, res_ptr, eps,
             NORM, RESIDUAL, SPLIT, SWIGLU)
@@ -319,7 +324,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, s
 @triton.jit
 def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, stride_x, res_ptr, magic,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                     RESIDUAL: tl.constexpr):
+                     RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     """Program (n block, m block, split): acc[n, m] = sum_k q[n, k] x[m, k] with tl.dot on dequantized tiles,
     y[m, n] = scale[n] acc[n, m] (+ residual[m, n], RESIDUAL)."""
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -329,6 +334,7 @@ def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, st
     x_rows = x_ptr + m[:, None] * stride_x
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     start = split * k_per_split
+    wait_for_inputs(PDL)
     for k0 in tl.range(start, tl.minimum(start + k_per_split, KW * 4), BLOCK_K, num_stages=NUM_STAGES):
         i = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # [BLOCK_K / 4]
         words = tl.load(w_rows + i[None, :], mask=(n[:, None] < N) & (i < KW)[None, :], other=0)
@@ -341,6 +347,7 @@ def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, st
         # reshape puts at k = 4i + 2a + c. int8 values are exact in bf16 and fp16.
         w = tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), [BLOCK_N, BLOCK_K])
         acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")  # "ieee": fp32 x without tf32 rounding
+    let_next_start(PDL)
     scale = tl.load(scale_ptr + n, mask=n < N, other=0.0).to(tl.float32)
     _store(out_ptr, acc * scale[:, None], m, n, M, N, split, res_ptr, RESIDUAL)
 
@@ -350,7 +357,7 @@ def _int8_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, KW, k_per_split, st
 def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x, g_ptr,
                       res_ptr, ss_ptr, eps, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       NUM_STAGES: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr,
-                      SWIGLU: tl.constexpr, ASM: tl.constexpr):
+                      SWIGLU: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Program (n block, row m, split): y[m, n] over the split's K range for BLOCK_N rows n. Word i of a row holds
     q[n, 8i + t] in bits 4t..4t+3. A step covers GROUPS whole groups of G / 8 words, or part of one group
     (WORDS words); per group, y += s sum_k x_k q_k + mn sum_k x_k, the first sum over x rounded to 16 bits
@@ -365,6 +372,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
     total = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     squares = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
     start = split * k_per_split
+    wait_for_inputs(PDL)
     for k0 in tl.range(start, tl.minimum(start + k_per_split, KW * 8), BLOCK_K, num_stages=NUM_STAGES):
         i = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # [BLOCK_K / 8] word index
         in_k = i < KW
@@ -383,6 +391,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
         x_sum = tl.sum(tl.reshape(x_sum, [GROUPS, WORDS]), axis=1)  # [GROUPS]
         total += s * (dot.to(tl.float32) * d) + mn * x_sum[None, :]
         squares += step_squares
+    let_next_start(PDL)
     _finish(out_ptr, tl.sum(total, axis=1), m, n, M, N, split, pid_n, squares, KW * 8, ss_ptr, res_ptr, eps, NORM,
             RESIDUAL, SPLIT, SWIGLU)
 
@@ -456,7 +465,8 @@ def _int4_dot_step(acc, u_rows, x_rows, k0, s, mn, KU, BLOCK_M: tl.constexpr, WI
 @triton.jit
 def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KU, k_per_split, stride_x, res_ptr, NG,
                      G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, RESIDUAL: tl.constexpr, ASM: tl.constexpr):
+                     NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, RESIDUAL: tl.constexpr, ASM: tl.constexpr,
+                     PDL: tl.constexpr):
     """Program (n block, m block, split): acc[n, m] = sum_k w[n, k] x[m, k] with tensor cores (`_int4_dot_step`),
     w_ptr: qweight viewed as int16 [N, KU], KU = K / 4; NG = K / G groups a row. A step of BLOCK_K features takes
     one scale and minimum per row when it lies in one group, a pair of them when it spans two groups (BLOCK_K =
@@ -471,6 +481,7 @@ def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KU, k_pe
     x_rows = x_ptr + tl.minimum(m, M - 1)[:, None] * stride_x  # [BLOCK_M, 1]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     start = split * k_per_split
+    wait_for_inputs(PDL)
     for k0 in tl.range(start, tl.minimum(start + k_per_split, KU * 4), BLOCK_K, num_stages=NUM_STAGES):
         k0 = tl.multiple_of(k0, BLOCK_K)
         if BLOCK_K <= G:  # one group
@@ -491,17 +502,19 @@ def _int4_dot_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KU, k_pe
             s = tl.load(scales_ptr + g, mask=in_k, other=0.0)
             mn = tl.load(mins_ptr + g, mask=in_k, other=0.0)
             acc = _int4_dot_step(acc, u_rows, x_rows, k0, s, mn, KU, BLOCK_M, BLOCK_K, EVEN_K, ASM)
+    let_next_start(PDL)
     _store(out_ptr, acc, m, n, M, N, split, res_ptr, RESIDUAL)
 
 
 # ---------------------------------------------------------------------------- split-K
 @triton.jit
 def _sum_splits_kernel(partial_ptr, out_ptr, M, N, K, ss_ptr, res_ptr, eps, SPLIT_K: tl.constexpr,
-                       BLOCK: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+                       BLOCK: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     """out[j] = sum_s partial[s, j] over the flattened [M, N] outputs; a gemv's NORM and RESIDUAL (`_finish`)."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = j < M * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    wait_for_inputs(PDL)
     sum_squares = tl.zeros([BLOCK], dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(partial_ptr + s * M * N + j, mask=inside, other=0.0)
@@ -511,6 +524,7 @@ def _sum_splits_kernel(partial_ptr, out_ptr, M, N, K, ss_ptr, res_ptr, eps, SPLI
         acc = acc * tl.rsqrt(sum_squares / K + eps)
     if RESIDUAL:
         acc += tl.load(res_ptr + j, mask=inside, other=0.0).to(tl.float32)
+    let_next_start(PDL)
     tl.store(out_ptr + j, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -590,20 +604,19 @@ def _launch(kernel, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, 
     else:
         tail = (norm_weight if norm else x, residual, squares, eps, *tail)
         constexprs |= dict(NORM=norm, RESIDUAL=add, SPLIT=split_k > 1, SWIGLU=swiglu)
-    torch.library.wrap_triton(kernel)[(triton.cdiv(N, bn), M if bm == 1 else triton.cdiv(M, bm), split_k)](
-        x, words, *meta, target, M, N, words.shape[1], k_per_split, x.stride(0), *tail, BLOCK_N=bn, BLOCK_K=bk,
-        NUM_STAGES=config["num_stages"], num_warps=config["num_warps"], num_stages=config["num_stages"],
-        **constexprs)
+    launch(kernel, (triton.cdiv(N, bn), M if bm == 1 else triton.cdiv(M, bm), split_k),
+           x, words, *meta, target, M, N, words.shape[1], k_per_split, x.stride(0), *tail, BLOCK_N=bn, BLOCK_K=bk,
+           NUM_STAGES=config["num_stages"], num_warps=config["num_warps"], num_stages=config["num_stages"],
+           **constexprs)
     if split_k > 1:
         block = 1024
-        torch.library.wrap_triton(_sum_splits_kernel)[(triton.cdiv(M * N, block),)](
-            target, out, M, N, K, squares, residual, eps, SPLIT_K=split_k, BLOCK=block, NORM=norm, RESIDUAL=add,
-            num_warps=4)
+        launch(_sum_splits_kernel, (triton.cdiv(M * N, block),), target, out, M, N, K, squares, residual, eps,
+               SPLIT_K=split_k, BLOCK=block, NORM=norm, RESIDUAL=add, num_warps=4)
     return silu_mul(out) if swiglu and bm > 1 else out
 
 
 # ---------------------------------------------------------------------------- the ops
-@torch.library.triton_op("llama::int8_linear", mutates_args=())
+@torch.library.custom_op("llama::int8_linear", mutates_args=())
 def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, norm_weight: Tensor | None = None, eps: float = 0.0,
                  residual: Tensor | None = None, swiglu: bool = False, block_m: int = 0, block_n: int = 0,
                  block_k: int = 0, split_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
@@ -618,7 +631,7 @@ def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, norm_weight: Tensor |
     return _launch(_int8_dot_kernel, x, weight.view(torch.int32), (scale,), N, config, MAGIC, **ends)
 
 
-@torch.library.triton_op("llama::int4_linear", mutates_args=())
+@torch.library.custom_op("llama::int4_linear", mutates_args=())
 def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int,
                  norm_weight: Tensor | None = None, eps: float = 0.0, residual: Tensor | None = None,
                  swiglu: bool = False, block_m: int = 0, block_n: int = 0, block_k: int = 0, split_k: int = 0,
@@ -635,6 +648,18 @@ def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group
     return _launch(_int4_dot_kernel, x, qweight.view(torch.int16), (scales, mins), N, config, K // group_size,
                    **ends, G=group_size, EVEN_K=K % config["block_k"] == 0,
                    ASM=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
+
+
+@_int8_linear.register_fake
+def _(x: Tensor, weight: Tensor, scale: Tensor, norm_weight: Tensor | None = None, eps: float = 0.0,
+      residual: Tensor | None = None, swiglu: bool = False, *config: int) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])
+
+
+@_int4_linear.register_fake
+def _(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int, norm_weight: Tensor | None = None,
+      eps: float = 0.0, residual: Tensor | None = None, swiglu: bool = False, *config: int) -> Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0] // 2 if swiglu else qweight.shape[0])
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, norm_weight: Tensor | None = None, eps: float = 0.0,

@@ -47,8 +47,50 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-def test_kernels_match_the_model_in_the_interpreter():
+# The ops are custom ops that launch their kernels themselves (kernels.launch), so a compiled graph sees only what
+# each op declares: its fake implementation (output shapes, dtypes and strides) and which inputs it mutates.
+# torch.library.opcheck runs each op for real (here in the interpreter) beside its fake, under Dynamo and AOT
+# dispatch, and fails on any difference, or on an input mutated that the schema does not declare.
+OPCHECK = """
+import torch
+from torch.library import opcheck
+from llama.kernels import _decode_attention, _kth_largest, silu_mul
+from llama.quant_kernels import _int4_linear, _int8_linear
+torch.manual_seed(0)
+B, H, K, S, D = 1, 4, 2, 70, 16
+k_cache, v_cache = torch.randn(2, K, S, D), torch.randn(2, K, S, D)
+angles = torch.rand(B, D)
+opcheck(_decode_attention, (torch.randn(B, (H + 2 * K) * D), angles.cos(), angles.sin(), k_cache, v_cache,
+                            torch.tensor([40])))
+opcheck(_kth_largest, (torch.randn(2, 300), torch.tensor([3, 300], dtype=torch.int32)))
+opcheck(silu_mul, (torch.randn(2, 3, 64),))
+x, g, residual = torch.randn(1, 64), torch.rand(64) + 0.5, torch.randn(1, 48)
+q8, scale = torch.randint(-127, 128, (48, 64), dtype=torch.int8), torch.rand(48)
+q4, scales, mins = torch.randint(0, 256, (48, 32), dtype=torch.uint8), torch.rand(48, 2), torch.rand(48, 2)
+for ends in [(None, 0.0, None, False), (g, 1e-5, residual, False), (g, 1e-5, None, True)]:
+    for rows in (1, 2):  # the gemv and the tl.dot kernel
+        opcheck(_int8_linear, (x.expand(rows, 64).contiguous(), q8, scale, *ends[:2],
+                               None if ends[2] is None else ends[2].expand(rows, 48).contiguous(), ends[3]))
+        opcheck(_int4_linear, (x.expand(rows, 64).contiguous(), q4, scales, mins, 32, *ends[:2],
+                               None if ends[2] is None else ends[2].expand(rows, 48).contiguous(), ends[3]))
+print("ok")
+"""
+
+
+def run_interpreted(script: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+@needs_triton
+def test_kernels_match_the_model_in_the_interpreter():
+    run_interpreted(CHECK)
+
+
+@needs_triton
+def test_custom_ops_declare_their_outputs_and_mutations():
+    run_interpreted(OPCHECK)

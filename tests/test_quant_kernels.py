@@ -158,9 +158,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 print("ok")
 """
 
-# torch.export(strict=True) traces with Dynamo, as torch.compile(fullgraph=True) does, and runs each op's body on
-# fake tensors (picking its config, allocating its outputs, recording its kernels) without launching anything,
-# so it needs neither a GPU nor the interpreter (whose kernels tracing cannot record).
+# torch.export(strict=True) traces with Dynamo, as torch.compile(fullgraph=True) does, and runs each op's fake
+# implementation (its output's shape and dtype) without launching anything, so it needs neither a GPU nor the
+# interpreter. (tests/test_kernels.py checks each fake against the op's real output.)
 TRACED = """
 import torch
 from llama.quant_kernels import int4_linear, int8_linear
@@ -201,7 +201,7 @@ def test_int4_linear_matches_the_formula_on_every_path():
 
 @needs_triton
 def test_both_ops_trace_whole_into_one_graph():
-    """No graph break and no host sync in either op; each is one node of the graph (an opaque kernel launch)."""
+    """No graph break around either op; each is one node of the graph (opaque: the op launches its kernels)."""
     run(TRACED, interpreter=False)
 
 
