@@ -181,7 +181,13 @@ def main() -> None:
     parser.add_argument("--modes", default="greedy,sample", help="greedy, and/or sample (T=0.8, top-k 200)")
     parser.add_argument("--varied", action="store_true", help="also batch 64 with prompt lengths 64..512")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--no-pdl", action="store_true",
+                        help="launch the engine's Triton kernels without programmatic dependent launch (to compare)")
     args = parser.parse_args()
+    if args.no_pdl:
+        import llama.kernels
+
+        llama.kernels.PDL = False
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
