@@ -40,7 +40,8 @@ def launch(kernel, grid: tuple[int, ...], first: Tensor, *args, **kwargs) -> Non
     reads its inputs and `let_next_start` after its last load; Inductor does the same in its own kernels
     (llama/api.py), but cannot launch a user's Triton kernel so, which is why the ops are custom ops that launch
     their kernels themselves rather than triton_ops that Inductor launches. On an H100, batch-1 decode of the 8B
-    shape: int8 313.9 -> 326.9 tok/s, int4 387.9 -> 404.4 (docs/benchmarks.md)."""
+    shape, one machine: int8 313.9 -> 326.9 tok/s, int4 387.9 -> 404.4 (runs of the same code spread by ~4%:
+    docs/benchmarks.md)."""
     pdl = PDL and first.is_cuda and torch.cuda.get_device_capability(first.device)[0] >= 9
     if pdl:
         kwargs |= dict(launch_pdl=True)
