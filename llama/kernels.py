@@ -29,6 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 PDL = True  # programmatic dependent launch where the GPU has it (`launch`); False: plain launches (to compare)
+# (Triton 3.3 and later have it; CUDA only: Inductor leaves it off on ROCm too)
+_TRITON_HAS_PDL = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait") and torch.version.hip is None
 
 
 def launch(kernel, grid: tuple[int, ...], first: Tensor, *args, **kwargs) -> None:
@@ -42,7 +44,7 @@ def launch(kernel, grid: tuple[int, ...], first: Tensor, *args, **kwargs) -> Non
     their kernels themselves rather than triton_ops that Inductor launches. On an H100, batch-1 decode of the 8B
     shape, one machine: int8 313.9 -> 326.9 tok/s, int4 387.9 -> 404.4 (runs of the same code spread by ~4%:
     docs/benchmarks.md)."""
-    pdl = PDL and first.is_cuda and torch.cuda.get_device_capability(first.device)[0] >= 9
+    pdl = PDL and _TRITON_HAS_PDL and first.is_cuda and torch.cuda.get_device_capability(first.device)[0] >= 9
     if pdl:
         kwargs |= dict(launch_pdl=True)
     kernel[grid](first, *args, PDL=pdl, **kwargs)
