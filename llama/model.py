@@ -43,6 +43,8 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm's formula (the class above) as a function: the quantized one-row GPU kernels take a norm's weight
+    and eps in instead of its module (quant_kernels, `QuantizedLinear.fused`)."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)

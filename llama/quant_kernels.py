@@ -514,8 +514,8 @@ def _sum_splits_kernel(partial_ptr, out_ptr, M, N, K, ss_ptr, res_ptr, eps, SPLI
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = j < M * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    wait_for_inputs(PDL)
     sum_squares = tl.zeros([BLOCK], dtype=tl.float32)
+    wait_for_inputs(PDL)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(partial_ptr + s * M * N + j, mask=inside, other=0.0)
         if NORM:
@@ -680,7 +680,6 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, norm_weight: Tensor
     _check_ends(x, weight.shape[0], norm_weight, residual, swiglu)
     return _int8_linear(x, weight, scale, norm_weight, eps, residual, swiglu, block_m, block_n, block_k, split_k,
                         num_warps, num_stages)
-
 
 
 def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int, *,

@@ -66,6 +66,8 @@ def chain(fmt: str, n_layers: int):
 
 
 def time_chain(step, n_layers: int) -> tuple[float, bool]:
+    """(us a layer, best of 5 x 50 replays; whether every replay's output equals the first's). Its own CUDA graph
+    rather than decode_variants.graph_time, which keeps neither the graph nor its output."""
     for _ in range(2):  # compile the kernels (and write the new cache slot) outside the graph
         step()
     torch.cuda.synchronize()
