@@ -147,6 +147,7 @@ class CompiledDecodeStep:
         self.verify_graph: Callable[..., Tensor] | None = None  # compiled at the first speculative step
         self.prefill_graphs = PrefillGraphs()
         self.constants: dict[tuple, Tensor] = {}
+        self.rows: dict[tuple, tuple[Tensor, Tensor]] = {}  # `row_state`
 
     chooses_tokens = True  # on a GPU the scheduler lets the step choose the tokens (`generate.pick`)
 
@@ -175,7 +176,25 @@ class CompiledDecodeStep:
             top_k = self._constant(("k", B, V), lambda: torch.full((B,), V, device=token.device))
         if joining is not None:  # (the prompts' prefill and this step, replayed from one graph)
             return self.prefill_graphs.joined(model, token, position, race, temperature, top_k, joining)
+        for rows in (token, position):
+            if rows.untyped_storage().data_ptr() in self.row_pointers:  # (a view made at this step)
+                torch._dynamo.mark_static_address(rows)
         return self.step(model, token, position, True, race, temperature, top_k, kth_largest, span=span)
+
+    def row_state(self, slots: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The scheduler's buffers of each row's latest token and its position [slots], zeroed: the same from one
+        scheduler to the next, so that the step's CUDA graph reads them where they are (their views marked static
+        above). An input at an address the graph has not recorded is first copied into one it has, at every
+        replay: with the constants of greedy decoding, 5 copies a step (~12 us on an H100, docs/benchmarks.md)."""
+        if (slots, device) not in self.rows:
+            self.rows[slots, device] = tuple(torch.zeros(slots, dtype=torch.long, device=device) for _ in range(2))
+        for buffer in self.rows[slots, device]:
+            buffer.zero_()
+        return self.rows[slots, device]
+
+    @property
+    def row_pointers(self) -> set[int]:
+        return {buffer.data_ptr() for pair in self.rows.values() for buffer in pair}
 
     def verify(self, model: Transformer, tokens: Tensor, positions: Tensor, span: int, choose: bool = False) -> Tensor:
         """`generate.verify_step` (speculative decoding's k + 1 tokens a row), as a CUDA graph of its own on a GPU
@@ -191,6 +210,7 @@ class CompiledDecodeStep:
     def _constant(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
         if key not in self.constants:
             self.constants[key] = make()
+            torch._dynamo.mark_static_address(self.constants[key])  # (read in place, as `row_state`'s buffers)
         return self.constants[key]
 
     def prefill(self, model: Transformer, tokens: Tensor, logits_at: Tensor, rows: Tensor) -> Tensor:

@@ -184,7 +184,8 @@ def argmax(x: Tensor) -> Tensor:
 
 
 def kth_largest(logits: Tensor, k: Tensor | int) -> Tensor:
-    """The k-th largest logit of each row, [B, 1] (kernels.kth_largest: the same, for a compiled GPU step)."""
+    """The k-th largest logit of each row, [B, 1] (kernels.kth_largest: the same for a compiled GPU step, but -inf
+    for k >= V, which masks nothing either)."""
     return torch.topk(logits, min(int(k), logits.shape[-1]), dim=-1, sorted=False).values.amin(-1, keepdim=True)
 
 

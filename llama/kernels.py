@@ -113,23 +113,27 @@ def _rotate(x_ptr, rows, row_ok, d, c, s, D: tl.constexpr):
 
 
 @triton.jit
-def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
-                             stride_qkv, stride_kb, stride_kh, stride_ks, S, split_len, scale,
+def _decode_attention_kernel(qkv_ptr, inv_freq_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
+                             stride_qkv, stride_kb, stride_kh, stride_ks, S, split_len, scale, rope_scale,
                              N_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                              BLOCK_S: tl.constexpr, SINGLE: tl.constexpr, PDL: tl.constexpr):
     """Program (b * N_KV + kv head, split): the G query heads of one kv head against one split of the cache slots
     0..pos[b], with an online softmax over BLOCK_S slots at a time. Before that, q is rotated, and the program
     whose split holds slot pos[b] rotates the new key and writes it and the new value there. One split: the
     normalised output; several: float32 partial sums plus the running max and sum of each head, combined by
-    `_combine_kernel`."""
+    `_combine_kernel`.
+
+    The rotation's cos and sin are computed here, as `RotaryEmbedding` computes them: angle m inv_freq[j mod D/2]
+    in float32 for position m, cos and sin times the rope's scale, rounded to qkv's dtype."""
     b, kv_head, split = tl.program_id(0) // N_KV, tl.program_id(0) % N_KV, tl.program_id(1)
     g, d = tl.arange(0, G_PAD), tl.arange(0, D)
     wait_for_inputs(PDL)
     pos = tl.load(pos_ptr + b)
-    c = tl.load(cos_ptr + b * D + d).to(tl.float32)
-    s = tl.load(sin_ptr + b * D + d).to(tl.float32)
-    heads = kv_head * G + g  # [G_PAD]; rows >= G are padding (tl.dot wants 16 rows)
+    angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + d % (D // 2))  # [D]
     dtype = k_ptr.dtype.element_ty
+    c = (tl.cos(angle) * rope_scale).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+    s = (tl.sin(angle) * rope_scale).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+    heads = kv_head * G + g  # [G_PAD]; rows >= G are padding (tl.dot wants 16 rows)
     H = N_KV * G
     new = qkv_ptr + b * stride_qkv  # this row's q (H heads), then k and v (N_KV heads each), D features a head
     q = _rotate(new, heads, g < G, d, c, s, D).to(dtype)  # [G_PAD, D]
@@ -186,8 +190,8 @@ def _combine_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, n_splits, D: tl.constexp
 
 
 @torch.library.custom_op("llama::decode_attention", mutates_args={"k_cache", "v_cache"})
-def _decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                      position: Tensor) -> Tensor:
+def _decode_attention(qkv: Tensor, inv_freq: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tensor,
+                      rope_scale: float) -> Tensor:
     N_KV, S, D = k_cache.shape[1:]
     B, H = qkv.shape[0], qkv.shape[1] // D - 2 * N_KV
     G = H // N_KV
@@ -199,8 +203,8 @@ def _decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_
     acc = qkv.new_empty(B * H * n_splits, D, dtype=torch.float32)
     running_max, running_sum = (qkv.new_empty(B * H * n_splits, dtype=torch.float32) for _ in range(2))
     launch(_decode_attention_kernel, (B * N_KV, n_splits),
-           qkv, cos, sin, k_cache, v_cache, position, out, acc, running_max, running_sum, qkv.stride(0),
-           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S, split_len, D**-0.5, N_KV=N_KV, G=G,
+           qkv, inv_freq, k_cache, v_cache, position, out, acc, running_max, running_sum, qkv.stride(0),
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S, split_len, D**-0.5, rope_scale, N_KV=N_KV, G=G,
            G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_S=block, SINGLE=n_splits == 1, num_warps=4)
     if n_splits > 1:
         launch(_combine_kernel, (B * H,), acc, running_max, running_sum, out, n_splits, D=D,
@@ -209,28 +213,30 @@ def _decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_
 
 
 @_decode_attention.register_fake
-def _(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tensor) -> Tensor:
+def _(qkv: Tensor, inv_freq: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tensor, rope_scale: float) -> Tensor:
     D = k_cache.shape[-1]
     return qkv.new_empty(qkv.shape[0], qkv.shape[1] // D - 2 * k_cache.shape[1], 1, D)
 
 
-def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, cache, position: Tensor) -> Tensor:
+def decode_attention(qkv: Tensor, cache, position: Tensor, rope) -> Tensor:
     """A decode step's attention in one kernel (plus a small one to combine): RoPE on the new query and key, the
     new key and value written into the cache at each row's position, and attention of the query over the cache,
     flash-decoding style: the cache is cut into splits so that even one row keeps every SM busy, each split
     reduces with an online softmax, and a second kernel combines the splits.
 
     qkv: [B, 1, (H + 2K) * D], the qkv projection's output as it comes (q, k, v of a row side by side,
-    unrotated; views of it would be copied before a custom kernel); cos, sin: [B, 1, D]; cache: the layer's
-    KVCache, [B_max, K, S, D] (each kv head read once for its G query heads, no copies; D a power of two,
-    >= 16); position: [B, 1], row b sees slots 0..position[b] (no mask tensor: slots past it are not even read).
-    -> [B, H, 1, D]. The same function as `apply_rope`, `KVCache.update` and `sdpa_attention` with the decode
-    mask."""
+    unrotated; views of it would be copied before a custom kernel); cache: the layer's KVCache, [B_max, K, S, D]
+    (each kv head read once for its G query heads, no copies; D a power of two, >= 16); position: [B, 1], row b
+    sees slots 0..position[b] (no mask tensor: slots past it are not even read); rope: the model's
+    `RotaryEmbedding`, whose cos and sin the kernel computes from the position itself (passed in as tensors, they
+    were copied once per layer by Inductor, which recomputes a cheap pointwise input for each custom op that
+    reads it: 32 copies in 7 kernels a step at 8B). -> [B, H, 1, D]. The same function as `apply_rope`,
+    `KVCache.update` and `sdpa_attention` with the decode mask."""
     B = qkv.shape[0]
-    assert qkv.shape[1] == 1 and cos.is_contiguous() and sin.is_contiguous()
-    assert cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
-    return _decode_attention(qkv.reshape(B, -1).contiguous(), cos, sin, cache.k, cache.v,
-                             position.reshape(B).contiguous())
+    assert qkv.shape[1] == 1 and cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
+    position = position.reshape(B).contiguous()
+    return _decode_attention(qkv.reshape(B, -1).contiguous(), rope.frequencies(position).float().contiguous(),
+                             cache.k, cache.v, position, rope.attention_scaling)
 
 
 # ---------------------------------------------------------------------------- the k-th largest logit
@@ -265,11 +271,14 @@ def _digits_so_far(hist_ptr, k, PASSES: tl.constexpr):
 def _radix_pass_kernel(x_ptr, k_ptr, hist_ptr, V, stride_x, PASS: tl.constexpr, BITS: tl.constexpr,
                        BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, chunk): histogram of the next 8 bits of the keys that share the k-th key's leading bits so
-    far, added into the row's histogram of this pass."""
+    far, added into the row's histogram of this pass. Nothing for a row with k >= V (`_kth_value_kernel`)."""
     row, chunk = tl.program_id(0), tl.program_id(1)
     hist = hist_ptr + row * (BITS // 8) * 256
     wait_for_inputs(PDL)
-    prefix, _ = _digits_so_far(hist, tl.load(k_ptr + row), PASS)
+    k = tl.load(k_ptr + row)
+    if k >= V:
+        return
+    prefix, _ = _digits_so_far(hist, k, PASS)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     key = _order_key(tl.load(x_ptr + row * stride_x + cols, mask=cols < V), BITS)
     shift = BITS - 8 * (PASS + 1)
@@ -280,11 +289,14 @@ def _radix_pass_kernel(x_ptr, k_ptr, hist_ptr, V, stride_x, PASS: tl.constexpr, 
 
 
 @triton.jit
-def _kth_value_kernel(k_ptr, hist_ptr, out_ptr, BITS: tl.constexpr, PDL: tl.constexpr):
-    """Program row: the k-th largest key from all the passes' histograms, turned back into a float."""
+def _kth_value_kernel(k_ptr, hist_ptr, out_ptr, V, BITS: tl.constexpr, PDL: tl.constexpr):
+    """Program row: the k-th largest key from all the passes' histograms, turned back into a float; -inf for
+    k >= V, which keeps every value as the row's smallest would, without the passes (no top-k: greedy decoding,
+    which the compiled step runs through the same graph)."""
     row = tl.program_id(0)
     wait_for_inputs(PDL)
-    key, _ = _digits_so_far(hist_ptr + row * (BITS // 8) * 256, tl.load(k_ptr + row), BITS // 8)
+    k = tl.load(k_ptr + row)
+    key, _ = _digits_so_far(hist_ptr + row * (BITS // 8) * 256, k, BITS // 8)
     let_next_start(PDL)
     sign: tl.constexpr = 1 << (BITS - 1)
     bits = tl.where((key & sign) != 0, key ^ sign, (2 * sign - 1) - key)
@@ -292,7 +304,7 @@ def _kth_value_kernel(k_ptr, hist_ptr, out_ptr, BITS: tl.constexpr, PDL: tl.cons
         value = bits.to(tl.uint16).to(out_ptr.dtype.element_ty, bitcast=True)
     else:
         value = bits.to(tl.uint32).to(out_ptr.dtype.element_ty, bitcast=True)
-    tl.store(out_ptr + row, value)
+    tl.store(out_ptr + row, tl.where(k >= V, float("-inf"), value.to(tl.float32)).to(out_ptr.dtype.element_ty))
 
 
 @torch.library.custom_op("llama::kth_largest", mutates_args=())
@@ -305,7 +317,7 @@ def _kth_largest(x: Tensor, k: Tensor) -> Tensor:
         launch(_radix_pass_kernel, (B, triton.cdiv(V, block)), x, k, hist, V, x.stride(0), PASS=p, BITS=bits,
                BLOCK=block)
     out = x.new_empty(B)
-    launch(_kth_value_kernel, (B,), k, hist, out, BITS=bits)
+    launch(_kth_value_kernel, (B,), k, hist, out, V, BITS=bits)
     return out
 
 
@@ -316,7 +328,8 @@ def _(x: Tensor, k: Tensor) -> Tensor:
 
 def kth_largest(x: Tensor, k: Tensor) -> Tensor:
     """x [B, V] (bf16, fp16 or fp32), k [B] int (1 <= k) -> the k-th largest value of each row [B, 1]: the same as
-    `torch.topk(x, k).values.amin(-1, keepdim=True)`, but with k a tensor (a new k needs no new compilation).
+    `torch.topk(x, k).values.amin(-1, keepdim=True)`, but with k a tensor (a new k needs no new compilation), and
+    -inf where k >= V (every value kept; no pass over the row).
 
     Radix select: floats are mapped to integer keys that sort like them, and each pass histograms the next 8
     bits of the keys that still share the k-th key's leading bits (2 passes for 16-bit floats, 4 for float32),

@@ -14,6 +14,7 @@ Nothing here loads files, samples tokens or parses arguments: see weights.py, ge
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -146,11 +147,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = rope_inv_freq(self.config)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
 
-    def forward(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        inv_freq = self.inv_freq
+    def frequencies(self, input_pos: Tensor) -> Tensor:
+        """inv_freq [D/2] (float32) for a call at these positions."""
         if self.config.rope.type == "dynamic":  # the base depends on how long the sequence has grown
-            inv_freq, _ = rope_inv_freq(self.config, seq_len=input_pos.max() + 1)
-        angles = input_pos[..., None].float() * inv_freq.to(input_pos.device)  # [B, T, D/2]: m * inv_freq[i]
+            return rope_inv_freq(self.config, seq_len=input_pos.max() + 1)[0].to(input_pos.device)
+        return self.inv_freq.to(input_pos.device)
+
+    def forward(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        angles = input_pos[..., None].float() * self.frequencies(input_pos)  # [B, T, D/2]: m * inv_freq[i]
         # Hugging Face layout ("rotate half"): feature j pairs with feature j + D/2, both turn by angle j.
         angles = torch.cat((angles, angles), dim=-1)  # [B, T, D]
         return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
@@ -279,8 +283,9 @@ class Attention(nn.Module):
         """The attention of projected qkv [B, T, (H + 2K) * D] -> [B, T, H * D]."""
         B, T, _ = qkv.shape
         if self.decode_kernel is not None and self.cache is not None and T == 1 and rows is None:
-            # The decode step below as one kernel: rotate q and k, write k and v at input_pos, attend from positions
-            out = self.decode_kernel(qkv, cos, sin, self.cache, input_pos)  # [B, H, 1, D]
+            # The decode step below as one kernel: rotate q and k (their angles computed inside from input_pos),
+            # write k and v at input_pos, attend from positions
+            out = self.decode_kernel(qkv, self.cache, input_pos)  # [B, H, 1, D]
             return out.transpose(1, 2).reshape(B, T, -1)
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -442,7 +447,9 @@ class Transformer(nn.Module):
             from llama.kernels import decode_attention
             from llama.kernels import silu_mul as silu_mul_kernel
         D = self.config.head_dim
-        attention_kernel = decode_attention if enabled and D >= 16 and D & (D - 1) == 0 else None
+        attention_kernel = None
+        if enabled and D >= 16 and D & (D - 1) == 0:
+            attention_kernel = functools.partial(decode_attention, rope=self.rope)
         for layer in self.layers:
             layer.mlp.silu_mul = silu_mul_kernel if enabled else silu_mul
             layer.attention.decode_kernel = attention_kernel

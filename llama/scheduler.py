@@ -215,8 +215,13 @@ class Scheduler:
         self.free = list(range(self.slots))  # a heap: the lowest free row first keeps the batch compact
         self.launches: deque[_Launch] = deque()
         with torch.inference_mode():  # (as the tensors made in `step`: a compiled step would recompile for others)
-            self.tokens = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # each row's latest token
-            self.positions = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # where it goes
+            # each row's latest token, and where it goes: the decode step's own buffers where it keeps them
+            # (`CompiledDecodeStep.row_state`: at fixed addresses, read in place by its CUDA graph)
+            if hasattr(decode, "row_state"):
+                self.tokens, self.positions = decode.row_state(self.slots, self.device)
+            else:
+                self.tokens, self.positions = (torch.zeros(self.slots, dtype=torch.long, device=self.device)
+                                               for _ in range(2))
         self._advancing: tuple[tuple, Tensor] | None = None  # rows that move on at a step: 1, the others 0
         self.seen: Tensor | None = None  # [slots, V] bool, tokens each row has seen (for repetition penalties)
         self.lock = threading.Lock()

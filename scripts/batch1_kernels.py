@@ -62,20 +62,24 @@ def attention_variants(bandwidth: float) -> None:
     updated cache, against `decode_attention`, which also rotates q and k and writes k and v into the cache; at
     the benchmark's shapes and at long context; errors against float64."""
     import copy
+    import json
 
+    from llama.config import ModelConfig
     from llama.kernels import decode_attention
-    from llama.model import KVCache, apply_rope, reference_attention, sdpa_attention
+    from llama.model import KVCache, RotaryEmbedding, apply_rope, reference_attention, sdpa_attention
+
+    config_file = Path(__file__).resolve().parent.parent / "configs" / "llama-3.1-8b.json"
+    rope = RotaryEmbedding(ModelConfig.from_hf_config(json.loads(config_file.read_text()))).to(dev)
 
     for B, S in ((1, 384), (1, 4096), (1, 32768), (16, 384), (64, 768)):
         qkvs = [torch.randn(B, 1, (H + 2 * K) * D, device=dev, dtype=bf16) for _ in range(4)]
         heads = [[x.view(B, 1, -1, D).transpose(1, 2) for x in qkv.split([H * D, K * D, K * D], dim=-1)]
                  for qkv in qkvs]  # q, k, v of each, as views into the projection's output
-        angles = torch.rand(B, 1, D // 2, device=dev) * 6
-        cos, sin = (f(torch.cat((angles, angles), dim=-1)).to(bf16) for f in (torch.cos, torch.sin))
         cache = KVCache(B, S, K, D, dtype=bf16, device=dev)
         cache.k.normal_(), cache.v.normal_()
         position = torch.randint(S // 2, S, (B, 1), device=dev)
         position[0, 0] = S - 1
+        cos, sin = rope(position, bf16)
         mask = (torch.arange(S, device=dev) <= position[:, :, None]).unsqueeze(1)
         q, k, v = heads[0]
         k_all, v_all = copy.deepcopy(cache).update(position, apply_rope(k, cos, sin), v)
@@ -83,10 +87,10 @@ def attention_variants(bandwidth: float) -> None:
         ref = reference_attention(q_rotated.double(), k_all.double(), v_all.double(), mask)
         sdpa = graph_time([lambda q=apply_rope(h[0], cos, sin): sdpa_attention(q, k_all, v_all, mask)
                            for h in heads], repeat=20)
-        kernel = graph_time([lambda qkv=qkv: decode_attention(qkv, cos, sin, cache, position) for qkv in qkvs],
+        kernel = graph_time([lambda qkv=qkv: decode_attention(qkv, cache, position, rope) for qkv in qkvs],
                             repeat=20)
         errors = [rel_error(sdpa_attention(q_rotated, k_all, v_all, mask), ref),
-                  rel_error(decode_attention(qkvs[0], cos, sin, copy.deepcopy(cache), position), ref)]
+                  rel_error(decode_attention(qkvs[0], copy.deepcopy(cache), position, rope), ref)]
         kv_bytes = 2 * B * K * S * D * 2
         print(f"attention B={B:2d} S={S:5d} | sdpa {sdpa * 1e6:7.1f} us (error {errors[0]:.1e}) | decode_attention, "
               f"with RoPE and the cache write {kernel * 1e6:7.1f} us (error {errors[1]:.1e}) | KV at the copy rate "

@@ -13,6 +13,7 @@ Prints us a layer (best of 5 timings of 50 replays) and whether every replay gav
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,11 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama.kernels as kernels  # noqa: E402
+from llama.config import ModelConfig  # noqa: E402
+from llama.model import RotaryEmbedding  # noqa: E402
 from llama.quant_kernels import int4_linear, int8_linear  # noqa: E402
 
 dev, bf16 = torch.device("cuda"), torch.bfloat16
 C, F, H, K, D, S = 4096, 14336, 32, 8, 128, 1024  # the 8B shape; S cache slots, of which POSITION + 1 are read
 POSITION = 600
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "llama-3.1-8b.json"  # (its RoPE)
 
 
 class Cache:  # what decode_attention reads of a KVCache
@@ -49,7 +53,7 @@ def chain(fmt: str, n_layers: int):
     layers = [dict(qkv=product(fmt, (H + 2 * K) * D, C), o=product(fmt, C, H * D), gate_up=product(fmt, 2 * F, C),
                    down=product(fmt, C, F), norm1=torch.rand(C, device=dev, dtype=bf16) + 0.5,
                    norm2=torch.rand(C, device=dev, dtype=bf16) + 0.5, cache=Cache()) for _ in range(n_layers)]
-    cos, sin = (torch.rand(1, 1, D, device=dev, dtype=bf16) for _ in range(2))
+    rope = RotaryEmbedding(ModelConfig.from_hf_config(json.loads(CONFIG.read_text()))).to(dev)
     position = torch.tensor([[POSITION]], device=dev)
     x0 = torch.randn(1, C, device=dev, dtype=bf16)
 
@@ -57,7 +61,7 @@ def chain(fmt: str, n_layers: int):
         x = x0
         for layer in layers:
             qkv = layer["qkv"](x, norm_weight=layer["norm1"], eps=1e-5)
-            attended = kernels.decode_attention(qkv.view(1, 1, -1), cos, sin, layer["cache"], position)
+            attended = kernels.decode_attention(qkv.view(1, 1, -1), layer["cache"], position, rope)
             h = layer["o"](attended.reshape(1, H * D), residual=x)
             x = layer["down"](layer["gate_up"](h, norm_weight=layer["norm2"], eps=1e-5, swiglu=True), residual=h)
         return x
