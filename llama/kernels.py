@@ -11,10 +11,10 @@ decode_attention  one query token per row against the KV cache, flash-decoding s
                   each row's position, after rotating the new query and key and writing the new key and value
                   into the cache: 4.0 us + 1.6 us (combine) per layer at the benchmark's batch 1, where cuDNN
                   through SDPA took 7.7 us, plus 1 us for its mask and three Inductor kernels of 1.1-2.3 us for
-                  RoPE and the cache writes.
+                  RoPE and the cache writes. RoPE's cos and sin are computed inside, from the position.
 kth_largest       the k-th largest logit of each row for top-k sampling, with k a tensor, so that one compiled
                   step serves every top-k (and greedy): radix select in 4 short kernels, 14.5 us for 128,256 bf16
-                  logits against 40.5 us for torch.topk.
+                  logits against 40.5 us for torch.topk; without top-k (k = V: greedy) they skip the row.
 
 Each op is a custom op that launches its kernels itself (`launch`), with programmatic dependent launch on Hopper
 and later GPUs, as llama/quant_kernels.py's are: a decode step's kernels then overlap one's end with the next one's
