@@ -185,7 +185,8 @@ class CompiledDecodeStep:
         """The scheduler's buffers of each row's latest token and its position [slots], zeroed: the same from one
         scheduler to the next, so that the step's CUDA graph reads them where they are (their views marked static
         above). An input at an address the graph has not recorded is first copied into one it has, at every
-        replay: with the constants of greedy decoding, 5 copies a step (~12 us on an H100, docs/benchmarks.md)."""
+        replay: with the constants of greedy decoding, 5 copies a step (~12 us on an H100, docs/benchmarks.md).
+        One scheduler at a time steps with them, as one at a time uses the model's KV cache."""
         if (slots, device) not in self.rows:
             self.rows[slots, device] = tuple(torch.zeros(slots, dtype=torch.long, device=device) for _ in range(2))
         for buffer in self.rows[slots, device]:
