@@ -176,9 +176,9 @@ class CompiledDecodeStep:
             top_k = self._constant(("k", B, V), lambda: torch.full((B,), V, device=token.device))
         if joining is not None:  # (the prompts' prefill and this step, replayed from one graph)
             return self.prefill_graphs.joined(model, token, position, race, temperature, top_k, joining)
-        for rows in (token, position):
-            if rows.untyped_storage().data_ptr() in self.row_pointers:  # (a view made at this step)
-                torch._dynamo.mark_static_address(rows)
+        for view in (token, position):
+            if view.untyped_storage().data_ptr() in self.row_pointers:  # (a view of `row_state`, made at this step)
+                torch._dynamo.mark_static_address(view)
         return self.step(model, token, position, True, race, temperature, top_k, kth_largest, span=span)
 
     def row_state(self, slots: int, device: torch.device) -> tuple[Tensor, Tensor]:

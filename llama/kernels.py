@@ -130,10 +130,10 @@ def _decode_attention_kernel(qkv_ptr, inv_freq_ptr, k_ptr, v_ptr, pos_ptr, out_p
     wait_for_inputs(PDL)
     pos = tl.load(pos_ptr + b)
     angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + d % (D // 2))  # [D]
-    dtype = k_ptr.dtype.element_ty
     c = (tl.cos(angle) * rope_scale).to(qkv_ptr.dtype.element_ty).to(tl.float32)
     s = (tl.sin(angle) * rope_scale).to(qkv_ptr.dtype.element_ty).to(tl.float32)
     heads = kv_head * G + g  # [G_PAD]; rows >= G are padding (tl.dot wants 16 rows)
+    dtype = k_ptr.dtype.element_ty
     H = N_KV * G
     new = qkv_ptr + b * stride_qkv  # this row's q (H heads), then k and v (N_KV heads each), D features a head
     q = _rotate(new, heads, g < G, d, c, s, D).to(dtype)  # [G_PAD, D]
@@ -228,10 +228,9 @@ def decode_attention(qkv: Tensor, cache, position: Tensor, rope) -> Tensor:
     unrotated; views of it would be copied before a custom kernel); cache: the layer's KVCache, [B_max, K, S, D]
     (each kv head read once for its G query heads, no copies; D a power of two, >= 16); position: [B, 1], row b
     sees slots 0..position[b] (no mask tensor: slots past it are not even read); rope: the model's
-    `RotaryEmbedding`, whose cos and sin the kernel computes from the position itself (passed in as tensors, they
-    were copied once per layer by Inductor, which recomputes a cheap pointwise input for each custom op that
-    reads it: 32 copies in 7 kernels a step at 8B). -> [B, H, 1, D]. The same function as `apply_rope`,
-    `KVCache.update` and `sdpa_attention` with the decode mask."""
+    `RotaryEmbedding`, whose cos and sin the kernel computes from the position itself (tables passed in were
+    copied by Inductor for each layer's call: docs/benchmarks.md). -> [B, H, 1, D]. The same function as
+    `apply_rope`, `KVCache.update` and `sdpa_attention` with the decode mask."""
     B = qkv.shape[0]
     assert qkv.shape[1] == 1 and cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
     position = position.reshape(B).contiguous()
