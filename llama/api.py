@@ -19,7 +19,7 @@ from llama.generate import GenerationResult, SamplingParams, decode_step, prefil
 from llama.hub import resolve_model
 from llama.model import Joining, Linear, Transformer
 from llama.quant import QuantizationConfig
-from llama.scheduler import Output, Request, Scheduler
+from llama.scheduler import Output, Request, RowState, Scheduler
 from llama.speculative import (
     DEFAULT_SPECULATIVE_TOKENS,
     PROMPT_LOOKUP,
@@ -147,15 +147,16 @@ class CompiledDecodeStep:
         self.verify_graph: Callable[..., Tensor] | None = None  # compiled at the first speculative step
         self.prefill_graphs = PrefillGraphs()
         self.constants: dict[tuple, Tensor] = {}
-        self.rows: dict[tuple, tuple[Tensor, Tensor]] = {}  # `row_state`
+        self.rows: dict[tuple, RowState] = {}  # `row_state`
 
     chooses_tokens = True  # on a GPU the scheduler lets the step choose the tokens (`generate.pick`)
 
     def __call__(self, model: Transformer, token: Tensor, position: Tensor, in_step: bool = False,
                  race: Tensor | None = None, temperature: Tensor | None = None, top_k: Tensor | None = None,
-                 span: int | None = None, joining: Joining | None = None) -> Tensor:
+                 span: int | None = None, joining: Joining | None = None, advance: Tensor | None = None) -> Tensor:
         if not token.is_cuda:
-            return decode_step(model, token, position, in_step, race, temperature, top_k, span=span, joining=joining)
+            return decode_step(model, token, position, in_step, race, temperature, top_k, span=span, joining=joining,
+                               advance=advance)
         attention = model.layers[0].attention
         if attention.decode_kernel is not None:
             span = None  # the kernel reads up to each row's position, whatever the span
@@ -176,26 +177,27 @@ class CompiledDecodeStep:
             top_k = self._constant(("k", B, V), lambda: torch.full((B,), V, device=token.device))
         if joining is not None:  # (the prompts' prefill and this step, replayed from one graph)
             return self.prefill_graphs.joined(model, token, position, race, temperature, top_k, joining)
-        for view in (token, position):
-            if view.untyped_storage().data_ptr() in self.row_pointers:  # (a view of `row_state`, made at this step)
-                torch._dynamo.mark_static_address(view)
-        return self.step(model, token, position, True, race, temperature, top_k, kth_largest, span=span)
+        for view in (token, position, race, temperature, top_k, advance):
+            if view is not None and view.untyped_storage().data_ptr() in self.row_pointers:  # (`row_state`'s)
+                torch._dynamo.mark_static_address(view)  # (a view made at this step: marked afresh)
+        return self.step(model, token, position, True, race, temperature, top_k, kth_largest, span=span,
+                         advance=advance)
 
-    def row_state(self, slots: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The scheduler's buffers of each row's latest token and its position [slots], zeroed: the same from one
-        scheduler to the next, so that the step's CUDA graph reads them where they are (their views marked static
-        above). An input at an address the graph has not recorded is first copied into one it has, at every
-        replay: with the constants of greedy decoding, 5 copies a step (~12 us on an H100, docs/benchmarks.md).
-        One scheduler at a time steps with them, as one at a time uses the model's KV cache."""
-        if (slots, device) not in self.rows:
-            self.rows[slots, device] = tuple(torch.zeros(slots, dtype=torch.long, device=device) for _ in range(2))
-        for buffer in self.rows[slots, device]:
-            buffer.zero_()
-        return self.rows[slots, device]
+    def row_state(self, slots: int, vocab_size: int, device: torch.device) -> RowState:
+        """The scheduler's per-row inputs of a step, at their starting values: the same buffers from one scheduler
+        to the next, so that the step's CUDA graph reads them where they are (their views marked static above), and
+        writes the next token and position there itself. An input at an address the graph has not recorded is
+        first copied into one it has, at every replay, and a marked one at a new address records the graph anew:
+        so the scheduler passes these for greedy steps as for sampled ones. One scheduler at a time steps with
+        them, as one at a time uses the model's KV cache."""
+        key = slots, vocab_size, device
+        if key not in self.rows:
+            self.rows[key] = RowState.new(slots, vocab_size, device)
+        return self.rows[key].reset()
 
     @property
     def row_pointers(self) -> set[int]:
-        return {buffer.data_ptr() for pair in self.rows.values() for buffer in pair}
+        return {buffer.data_ptr() for rows in self.rows.values() for buffer in rows.tensors()}
 
     def verify(self, model: Transformer, tokens: Tensor, positions: Tensor, span: int, choose: bool = False) -> Tensor:
         """`generate.verify_step` (speculative decoding's k + 1 tokens a row), as a CUDA graph of its own on a GPU

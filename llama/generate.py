@@ -165,9 +165,10 @@ def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def exponential_race(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """Independent Exp(1) draws, float32: the randomness of one sampling step."""
-    return torch.empty(shape, device=device).exponential_(1, generator=generator)
+def exponential_race(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None,
+                     out: Tensor | None = None) -> Tensor:
+    """Independent Exp(1) draws, float32: the randomness of one sampling step (into `out` where given)."""
+    return (torch.empty(shape, device=device) if out is None else out).exponential_(1, generator=generator)
 
 
 def argmax(x: Tensor) -> Tensor:
@@ -214,16 +215,26 @@ def pick(logits: Tensor, race: Tensor | None, temperature: Tensor | None, top_k:
 def decode_step(model: Transformer, token: Tensor, position: Tensor, in_step: bool = False,
                 race: Tensor | None = None, temperature: Tensor | None = None, top_k: Tensor | int | None = None,
                 kth: Callable[[Tensor, Tensor | int], Tensor] = kth_largest, span: int | None = None,
-                joining: Joining | None = None) -> Tensor:
+                joining: Joining | None = None, advance: Tensor | None = None) -> Tensor:
     """One token per row: token [B, 1] at position [B, 1] -> logits [B, V], or with `in_step` the next token [B]
     chosen by `pick`; the step reads the first `span` cache slots (`Transformer.forward`). The unit
     `compile=True` compiles into one CUDA graph (api.CompiledDecodeStep): the choice is then inside the graph,
     next to the logits; eagerly, the sampler's softmax, top-k and argmax over 128,256 logits took ~0.2 ms per
     token on an H100. With `joining`, n prompts are prefilled in the same pass (model.Joining), and their first
-    tokens follow the rows': logits [B + n, V] or tokens [B + n] (race, temperature and top-k then cover all)."""
+    tokens follow the rows': logits [B + n, V] or tokens [B + n] (race, temperature and top-k then cover all).
+
+    With `in_step` and `advance` [B, 1] (1 for a row that moves on, 0 for one that stays), the step also writes
+    the tokens chosen into `token` and adds `advance` to `position`, in place: the next step's inputs, made inside
+    the CUDA graph rather than by two more kernels between graphs (scheduler.RowState)."""
     logits = model(token, input_pos=position, span=span, joining=joining)
     logits = logits if joining is not None else logits[:, -1]
-    return pick(logits, race, temperature, top_k, kth) if in_step else logits
+    if not in_step:
+        return logits
+    chosen = pick(logits, race, temperature, top_k, kth)
+    if advance is not None:
+        token.copy_(chosen[:token.shape[0], None])
+        position.add_(advance)
+    return chosen
 
 
 def verify_step(model: Transformer, tokens: Tensor, positions: Tensor, span: int, choose: bool = False) -> Tensor:

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -161,6 +161,39 @@ class Update(NamedTuple):
 
 
 @dataclass
+class RowState:
+    """What a decode step reads of each of the cache's rows besides the cache, at fixed addresses: a compiled
+    step's CUDA graph reads its inputs in place only there (an input elsewhere is first copied to where the graph
+    was recorded, at every replay: a kernel of its own). A plain decode step writes `tokens` and moves `positions`
+    on by `advance` itself (`generate.decode_step`); a step that prompts join, or whose logits go back to the
+    scheduler, leaves that to the scheduler."""
+
+    tokens: Tensor  # [slots] long: each row's latest token
+    positions: Tensor  # [slots] long: the position it goes to
+    advance: Tensor  # [slots] long: 1 for a row still generating, 0 for one done (it stays inside the cache)
+    temperature: Tensor  # [slots, 1] float32 (0: greedy)
+    top_k: Tensor  # [slots] long (no top-k: the vocabulary's size)
+    race: Tensor  # [slots, V] float32: a sampling step's random draws (`exponential_race`)
+
+    @classmethod
+    def new(cls, slots: int, vocab_size: int, device: torch.device) -> RowState:
+        long = dict(dtype=torch.long, device=device)
+        return cls(*(torch.empty(slots, **long) for _ in range(3)), torch.empty(slots, 1, device=device),
+                   torch.empty(slots, **long), torch.empty(slots, vocab_size, device=device)).reset()
+
+    def reset(self) -> RowState:
+        """Every row greedy, at token 0 and position 0, not moving on."""
+        for buffer in (self.tokens, self.positions, self.advance, self.temperature):
+            buffer.zero_()
+        self.top_k.fill_(self.race.shape[1])
+        self.race.fill_(1)
+        return self
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.tokens, self.positions, self.advance, self.temperature, self.top_k, self.race
+
+
+@dataclass
 class _Launch:
     """A prefill or decode step on its way: the jobs it produced a token for, and the copy of those tokens."""
 
@@ -204,7 +237,6 @@ class Scheduler:
         # ms against 7.3 ms for 64 rows; 4 prompts ~14 ms), a row left empty a step 1/64 of one. Off unless asked for:
         # hold=8 gave the server 0.76 of the static batch against 0.77-0.78 without (the scheduler alone 0.81).
         self.hold = hold
-        self.vocab_size = model.lm_head.out_features
         self.eos_token_ids = set(eos_token_ids)
         self.max_waiting = max_waiting
         self.generator = torch.Generator(device=self.device)
@@ -214,15 +246,14 @@ class Scheduler:
         self.running: dict[int, Job] = {}  # slot -> job
         self.free = list(range(self.slots))  # a heap: the lowest free row first keeps the batch compact
         self.launches: deque[_Launch] = deque()
+        self.vocab_size = model.lm_head.out_features
         with torch.inference_mode():  # (as the tensors made in `step`: a compiled step would recompile for others)
-            # each row's latest token, and where it goes: the decode step's own buffers where it keeps them
-            # (`CompiledDecodeStep.row_state`: at fixed addresses, read in place by its CUDA graph)
-            if hasattr(decode, "row_state"):
-                self.tokens, self.positions = decode.row_state(self.slots, self.device)
-            else:
-                self.tokens, self.positions = (torch.zeros(self.slots, dtype=torch.long, device=self.device)
-                                               for _ in range(2))
-        self._advancing: tuple[tuple, Tensor] | None = None  # rows that move on at a step: 1, the others 0
+            # the decode step's own buffers where it keeps them (`CompiledDecodeStep.row_state`: the same from one
+            # scheduler to the next, so that its CUDA graphs read them in place)
+            make = getattr(decode, "row_state", RowState.new)
+            self.rows: RowState = make(self.slots, self.vocab_size, self.device)
+        self.tokens, self.positions = self.rows.tokens, self.rows.positions
+        self._advancing: tuple | None = None  # the rows that `rows.advance` moves on (a step's B rows: True)
         self.seen: Tensor | None = None  # [slots, V] bool, tokens each row has seen (for repetition penalties)
         self.lock = threading.Lock()
         self._row_params: tuple[tuple[Job | None, ...], RowParams, Tensor] | None = None
@@ -359,35 +390,48 @@ class Scheduler:
         params, top_k = self._params(everyone)
         # Which rows advance goes to the device when the rows change, not at every step
         key = tuple(job is not None and job.generating for job in rows)
-        if self._advancing is None or self._advancing[0] != key:
-            self._advancing = key, to_device(torch.tensor(key, dtype=torch.long), self.device)
-        race = self._random(everyone, params, (self.vocab_size,), exponential_race)
+        if self._advancing != key:
+            self._advancing = key
+            self.rows.advance[:B] = to_device(torch.tensor(key, dtype=torch.long), self.device)
         wants_logprobs = any(job.request.logprobs is not None for job in generating)
         token, position = self.tokens[:B, None], self.positions[:B, None]  # [B, 1] each
-        if getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda" and not wants_logprobs \
-                and params.uses <= {"sampling", "top_k"}:
-            chosen = self.decode(self.model, token, position, True, race, params.temperature, top_k, span=span,
-                                 joining=join)
-            logits = None
+        in_step = getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda" \
+            and not wants_logprobs and params.uses <= {"sampling", "top_k"}
+        if in_step and join is None:  # (the step writes the next step's token and position itself)
+            # every input from `rows`, greedy or not: one CUDA graph reads them all in place
+            self._random(everyone, params, (self.vocab_size,), exponential_race, out=self.rows.race[:B])
+            chosen, logits = self._choosing_step(B, params, top_k, span), None
         else:
-            logits = self.decode(self.model, token, position, span=span, joining=join).float()  # [B (+ n), V]
-            chosen = sample_rows(logits, params, None if self.seen is None else self.seen[:B], race)
-        self.tokens[:B] = chosen[:B]  # (a copy: a CUDA graph's output is overwritten by its next replay)
+            race = self._random(everyone, params, (self.vocab_size,), exponential_race)
+            if in_step:
+                chosen = self.decode(self.model, token, position, True, race, params.temperature, top_k, span=span,
+                                     joining=join)
+                logits = None
+            else:
+                logits = self.decode(self.model, token, position, span=span, joining=join).float()  # [B (+ n), V]
+                chosen = sample_rows(logits, params, None if self.seen is None else self.seen[:B], race)
+            self.tokens[:B] = chosen[:B]  # (a copy: a CUDA graph's output is overwritten by its next replay)
+            self.positions[:B] += self.rows.advance[:B]  # (rows done generating stay where they are, in the cache)
         if self.seen is not None:
             self.seen[torch.arange(B, device=self.device), self.tokens[:B]] = True
-        self.positions[:B] += self._advancing[1]  # (rows done generating stay where they are, inside the cache)
         for job in generating:
             job.position += 1
             job.launched += 1
         self.decode_steps += 1
         self.decoded_tokens += len(generating)
-        if join is None:
-            self._launch([(job, job.slot) for job in generating], self.tokens[:B, None].clone(),
+        if join is None:  # (the copy to the host is queued before the next step, which writes `tokens` anew)
+            self._launch([(job, job.slot) for job in generating], self.tokens[:B, None],
                          logits[:, None] if wants_logprobs else None)
             return
         self._started(joining, slots, lengths, chosen[B:])
         self._launch([(job, job.slot) for job in generating] + [(job, B + i) for i, job in enumerate(joining)],
                      chosen[:, None].clone(), None)
+
+    def _choosing_step(self, B: int, params: RowParams, top_k: Tensor, span: int) -> Tensor:
+        """A decode step of the first B rows that chooses their tokens and writes the next step's inputs itself,
+        every input from `self.rows` (`generate.decode_step`): greedy and sampled steps replay one CUDA graph."""
+        return self.decode(self.model, self.tokens[:B, None], self.positions[:B, None], True, self.rows.race[:B],
+                           params.temperature, top_k, span=span, advance=self.rows.advance[:B, None])
 
     def _speculate(self) -> bool:
         """A verify step (speculative.py) for the rows still generating; False (nothing done) when no row has a
@@ -502,9 +546,10 @@ class Scheduler:
         for B in sizes:
             start = time.perf_counter()
             params, top_k = self._params([None] * B)
+            self.rows.advance[:B] = 0  # (no row moves on; free rows' tokens are written again when rows start)
+            self._advancing = None
             for _ in range(2):  # (the first run compiles, the second records the graph)
-                self.decode(self.model, self.tokens[:B, None], self.positions[:B, None], True, None,
-                            params.temperature, top_k, span=1)
+                self._choosing_step(B, params, top_k, span=1)
             torch.cuda.synchronize(self.device)
             report(f"decode step for {B} rows ready in {time.perf_counter() - start:.1f} s")
         B = self._batch_size(2)
@@ -527,24 +572,28 @@ class Scheduler:
 
     def _params(self, rows: list[Job | None]) -> tuple[RowParams, Tensor]:
         """The rows' sampling parameters, and each row's top-k as a tensor [B] (no top-k: V), sent to the device
-        when the rows change, not at every step."""
+        when the rows change, not at every step; the temperatures and top-k in `self.rows` (where they fit)."""
         key = tuple(rows)  # (the jobs themselves, compared by identity: an id() can be reused by a later job)
         if self._row_params is None or self._row_params[0] != key:
             params = RowParams.of([job.request.params if job else SamplingParams() for job in rows], self.device)
             top_k = torch.where(params.top_k > 0, params.top_k, self.vocab_size)[:, 0]
+            if len(rows) <= self.slots:
+                B = len(rows)
+                self.rows.temperature[:B], self.rows.top_k[:B] = params.temperature, top_k
+                params, top_k = replace(params, temperature=self.rows.temperature[:B]), self.rows.top_k[:B]
             self._row_params = key, params, top_k
         return self._row_params[1], self._row_params[2]
 
     def _random(self, rows: Sequence[Job | None], params: RowParams, shape: tuple[int, ...],
-                draw: Callable[[tuple[int, ...], torch.device, torch.Generator], Tensor]) -> Tensor | None:
-        """A step's random draws for these rows (None: a free row), [len(rows), *shape], or None when no row
-        samples: the scheduler's stream for all rows, then each seeded job's row from its own generator, seeded
-        afresh from (its seed, the index of the token it chooses next, what the draws are for). So a seed repeats a
-        job's output whatever else runs beside it, even where the rows beside it change what a step is (a verify
-        step or a decode step, how many tokens it proposes)."""
+                draw: Callable[..., Tensor], out: Tensor | None = None) -> Tensor | None:
+        """A step's random draws for these rows (None: a free row), [len(rows), *shape] (into `out` where given),
+        or None when no row samples: the scheduler's stream for all rows, then each seeded job's row from its own
+        generator, seeded afresh from (its seed, the index of the token it chooses next, what the draws are for).
+        So a seed repeats a job's output whatever else runs beside it, even where the rows beside it change what a
+        step is (a verify step or a decode step, how many tokens it proposes)."""
         if "sampling" not in params.uses:
             return None
-        draws = draw((len(rows), *shape), self.device, self.generator)
+        draws = draw((len(rows), *shape), self.device, self.generator, *([] if out is None else [out]))
         for index, job in enumerate(rows):
             if job is not None and job.generator is not None and job.request.params.temperature > 0 \
                     and job.generating:

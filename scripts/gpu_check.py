@@ -103,6 +103,7 @@ def main() -> int:
              zip(greedy_eager, greedy_compiled)]
     print(f"free-running greedy, eager vs compiled: identical prefix per row {agree} of 64 (after a near-tie the "
           f"two continuations are different sequences)")
+    ok &= check_free_running(fast, prompts, noise)
     ok &= check_prefill_graphs(fast, tokens, fp32, baseline)
     ok &= check_joined_step(fast, tokens, fp32, baseline, noise)
     if "--no-quantized" not in sys.argv[1:]:
@@ -117,6 +118,49 @@ def right_padded(tokens: torch.Tensor, sequences, lengths) -> tuple[torch.Tensor
     for i, (sequence, length) in enumerate(zip(sequences, lengths)):
         batch[i, :length] = tokens[sequence, :length]
     return batch, torch.tensor(lengths, device=tokens.device) - 1
+
+
+@torch.inference_mode()
+def check_free_running(llm: Llama, prompts: list[list[int]], noise: float, top_k: int = 50) -> bool:
+    """The compiled step writes each row's next token and position itself (`generate.decode_step`'s `advance`).
+    Each token of a free-running generation is checked against a full forward over the tokens before it: greedy,
+    its argmax, or a near-tie with it (closer than transformers' own bf16 error); sampled (T = 0.8, top-k), one of
+    its top k, or a near-tie with the k-th. Greedy, sampled and greedy again replay one CUDA graph
+    (`scheduler.RowState`): none of them records one (the step was recorded before), and greedy repeats itself."""
+    from torch._inductor import cudagraph_trees
+
+    recorded = []
+    record = cudagraph_trees.CUDAGraphTreeManager.record_function
+
+    def counted(manager, *args, **kwargs):
+        recorded.append(1)
+        return record(manager, *args, **kwargs)
+
+    cudagraph_trees.CUDAGraphTreeManager.record_function = counted
+    runs = {}
+    try:
+        for name, options in (("greedy", {}), ("sampled", dict(temperature=0.8, top_k=top_k, seed=0)),
+                              ("greedy again", {})):
+            before = len(recorded)
+            outputs = [r.token_ids for r in llm.generate(prompts, max_new_tokens=64, **options)]
+            runs[name] = outputs, len(recorded) - before
+    finally:
+        cudagraph_trees.CUDAGraphTreeManager.record_function = record
+    device, P = llm.device, len(prompts[0])
+    ok = runs["greedy again"][0] == runs["greedy"][0]
+    print("\n| free-running, compiled, 4 x 64 tokens | CUDA graphs recorded | chosen token's logit below the bar, "
+          "worst |\n|---|---|---|")
+    for name, (outputs, graphs) in runs.items():
+        logits = llm.logits(torch.tensor([p + o for p, o in zip(prompts, outputs)], device=device)).float()
+        logits = logits[:, P - 1:-1]  # [4, 64, V]: what each generated token was chosen from
+        chosen = logits.gather(-1, torch.tensor(outputs, device=device)[..., None])[..., 0]
+        bar = logits.max(-1).values if name != "sampled" else logits.topk(top_k, dim=-1).values[..., -1]
+        worst = (bar - chosen).max().item()
+        print(f"| {name} | {graphs} | {worst:.4f} (bar: {'the argmax' if name != 'sampled' else f'the top {top_k}'}"
+              f"; near-tie bound {noise:.4f}) |")
+        ok &= graphs == 0 and worst <= noise
+    print(f"greedy again repeats greedy: {runs['greedy again'][0] == runs['greedy'][0]}")
+    return ok
 
 
 @torch.inference_mode()
