@@ -85,15 +85,21 @@ chosen without timing anything; each knob is a keyword override, which scripts/q
            several weights), 3 pipeline stages (a loop without tl.dot is pipelined only when tl.range asks).
            BLOCK_N = 8 when N / 16 blocks would leave SMs idle. (The int4 dot kernel at one row, 16 rows of x
            of which one is used, was not faster than this gemv on an H100.)
-  M >= 2   int8 dot: BLOCK_M = 16 / 32 / 64 for M up to 16 / 32 / more, BLOCK_N = 64 (one wgmma tile), BLOCK_K =
-           128 features (256 at BLOCK_M = 16; larger tiles spill registers), 4 warps, 4 stages.
+  M >= 2   int8 dot: BLOCK_M = 16 / 32 / 64 for M up to 16 / 32 / 64, BLOCK_N = 64 (one wgmma tile), BLOCK_K =
+           128 features (256 at BLOCK_M = 16; larger tiles spill registers), 4 warps, 4 stages; past 64 rows (a
+           prefill), BLOCK_M = 128 and 64 features a step (the H100 sweep at 128 rows, 8B shapes: a layer's four
+           products 250 -> 209 us, where bf16 F.linear takes 185). The sweep's best, 128 x 128 tiles of 64
+           features with 8 warps (181 us), was right alone but wrong inside the model (relative error 1e2 or
+           NaN, changing from run to run, with PDL or without; 128 features a step with 8 warps were right):
+           left out, not understood.
            int4 dot: BLOCK_N = 64, 2 warps (mma.sync), 3 stages, at every BLOCK_M for groups of 32 and 64 (the
            H100 sweeps' best at 16 and 64 rows, 15-22% under 8-warp wgmma at 64; 32 rows not measured); for
            groups of 128 at BLOCK_M = 16 and 16-bit x, BLOCK_N = 32 and one warp (the 8B sweep's best, 5-16%
            under two; float32 x, not swept, keeps two);
            for groups of 128 and 256 from BLOCK_M = 32 on, BLOCK_N = 128 and wgmma with 4 warps (the sweep's
-           best at 64 rows); BLOCK_K = 2 G (64 at G = 32, 256 at G = 256), at most 128 for float32 x, which
-           also takes 2 stages (shared memory).
+           best at 64 rows), and past 64 rows BLOCK_M = 128 (at 128 rows, group 128: a layer 287 -> 245 us;
+           groups of 32 and 64 keep BLOCK_M = 64); BLOCK_K = 2 G (64 at G = 32, 256 at G = 256), at most 128
+           for float32 x, which also takes 2 stages (shared memory).
   both     SPLIT_K = the smallest power of two that gives every SM a program (int4 at BLOCK_M = 16: two), as long
            as each split keeps 2 steps.
 """
@@ -541,7 +547,7 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
     `overrides` replace single choices, and split_k, unless given, follows the tiles chosen."""
     overrides = {key: value for key, value in overrides.items() if value}
     assert set(overrides) <= set(CONFIG_KEYS), overrides
-    block_m = 1 if M == 1 else 16 if M <= 16 else 32 if M <= 32 else 64
+    block_m = 1 if M == 1 else 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
     if overrides.get("block_m", block_m) == 1:
         config = dict(block_m=1, block_n=16 if triton.cdiv(N, 16) >= sm_count else 8, block_k=8192 // bits,
                       num_warps=4, num_stages=3)
@@ -549,10 +555,14 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
             config |= dict(block_k=1024 if N >= 8192 else 2048)
         if norm:  # the H100 sweep with the norm inside: half a KB of each row a step
             config |= dict(block_k=4096 // bits)
+    elif bits == 8 and block_m == 128:  # a prefill's rows (the module docstring says why not 8 warps)
+        config = dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4)
     elif bits == 8:
         config = dict(block_m=block_m, block_n=64, block_k=256 if block_m == 16 else 128, num_warps=4, num_stages=4)
     else:  # int4: two groups a step (one 4-byte load of their scales per row), 64 to 256 features
         block_k = 2 * group_size if 64 <= group_size <= 128 else max(64, min(group_size, 256))
+        if block_m == 128 and group_size <= 64:  # (mma.sync: 128-row tiles were not faster at 128 rows)
+            block_m = 64
         config = dict(block_m=block_m, block_n=64, block_k=block_k, num_warps=2, num_stages=3)  # mma.sync
         if block_m > 16 and group_size > 64:  # wgmma, the H100 sweeps' best for 64 rows of groups of 128
             config |= dict(block_n=128, num_warps=4)

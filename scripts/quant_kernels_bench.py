@@ -205,6 +205,11 @@ def sweep_grid(bits: int, M: int, group: int = 0) -> list[dict[str, int]]:
                                             (32, 512, 4, 3, 0), (16, 1024, 4, 4, 0), (16, 512, 4, 3, 2),
                                             (32, 1024, 4, 3, 0), (16, 2048, 4, 3, 0), (32, 1024, 8, 3, 0),
                                             (8, 2048, 4, 3, 0), (16, 1024, 4, 3, 2)]]
+        if M > 64:  # a prefill's rows: 64 or 128 rows of x a block
+            return [dict(block_m=bm, block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=0)
+                    for bm, bn, k, w, s in [(64, 64, 128, 4, 4), (128, 64, 128, 4, 4), (128, 64, 128, 4, 3),
+                                            (128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+                                            (64, 128, 128, 8, 4), (128, 128, 128, 8, 4), (128, 256, 64, 8, 3)]]
         return [dict(block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=sk)
                 for bn, k, w, s, sk in [(64, 128, 4, 4, 0), (64, 256, 4, 4, 0), (128, 128, 8, 4, 0),
                                         (64, 256, 4, 3, 0), (64, 128, 4, 4, 8)]]
@@ -215,6 +220,10 @@ def sweep_grid(bits: int, M: int, group: int = 0) -> list[dict[str, int]]:
                                         (32, 512, 4, 4, 0), (16, 1024, 4, 4, 0), (8, 2048, 4, 3, 0),
                                         (16, 1024, 4, 3, 2), (32, 1024, 4, 3, 2)]]
     # int4: the tensor-core kernel, with 1-2 warps (mma.sync) or 4-8 (wgmma), two groups a step (block_k = 2 G)
+    if M > 64:  # a prefill's rows: 64 or 128 rows of x a block
+        return [dict(block_m=bm, block_n=bn, block_k=2 * group, num_warps=w, num_stages=s, split_k=0)
+                for bm, bn, w, s in [(64, 64, 2, 3), (64, 128, 4, 3), (128, 64, 2, 3), (128, 64, 4, 3),
+                                     (128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3)]]
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
     mma = [(32, 1, 3), (32, 1, 4), (64, 1, 3), (64, 2, 3), (64, 2, 4), (128, 2, 3)]
     wgmma = [(128, 4, 3), (256, 4, 3)]

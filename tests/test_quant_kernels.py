@@ -101,6 +101,7 @@ cases = [  # (M, N, K, config): the path each exercises
     (3, 72, 200, {}),                                 # dot (the default at M > 1), one 16-row block
     (16, 200, 256, dict(block_k=64, split_k=2)),      # dot, split-K
     (33, 72, 96, dict(block_m=32, block_k=32)),       # dot, two row blocks, the second one row
+    (130, 72, 200, {}),                               # dot, a prefill's 128 x 128 tiles: two row blocks, K ragged
 ]
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for M, N, K, config in cases:
@@ -135,6 +136,7 @@ cases = [  # (M, N, K, G, config): the path each exercises
     (33, 72, 256, 64, dict(block_m=32, num_warps=4)),      # dot, two row blocks, the second one row
     (5, 40, 320, 64, dict(block_k=128)),                   # dot, K past the last step, an odd number of groups
     (2, 40, 384, 64, dict(block_k=256)),                   # dot, four groups a step: a scale per unit, K ragged
+    (130, 72, 256, 128, {}),                               # dot, a prefill's 128-row tiles (wgmma), two row blocks
 ]
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for index, (M, N, K, G, config) in enumerate(cases):
@@ -219,7 +221,11 @@ def test_default_config_takes_the_gemv_at_one_row_and_splits_k_only_for_idle_sms
     assert default_config(8, 1, 6144, 4096, H100, norm=True)["block_k"] == 512  # for int8 too
     assert default_config(4, 1, 1024, 8192, H100, 64)["block_n"] == 8  # 64 blocks of 16 rows would idle half the SMs
     assert default_config(8, 16, 28672, 4096, H100)["split_k"] == 1  # 448 already
-    assert [default_config(8, M, 4096, 4096, H100)["block_m"] for M in (2, 16, 17, 33, 200)] == [16, 16, 32, 64, 64]
+    assert [default_config(8, M, 4096, 4096, H100)["block_m"] for M in (2, 16, 17, 33, 64, 65, 200)] == \
+        [16, 16, 32, 64, 64, 128, 128]
+    # a prefill's rows, the sweep's best at 128 rows on the 8B shapes
+    assert default_config(8, 128, 28672, 4096, H100) == dict(block_m=128, block_n=64, block_k=64, split_k=1,
+                                                             num_warps=4, num_stages=4)
     assert default_config(8, 1, 64, 256, H100)["split_k"] == 1  # too short a K to split
 
 
@@ -250,6 +256,8 @@ def test_int4_dot_config_keeps_mma_sync_for_small_groups_and_takes_wgmma_for_lar
     H100 = 132  # SMs
     assert [default_config(4, M, 4096, 4096, H100, 64)["num_warps"] for M in (16, 17, 64)] == [2, 2, 2]
     assert [default_config(4, M, 4096, 4096, H100, 128)["num_warps"] for M in (16, 17, 64)] == [1, 4, 4]
+    # past 64 rows (a prefill), 128-row tiles for groups of 128, 64-row ones for groups of 64 (the 128-row sweep)
+    assert [default_config(4, 128, 4096, 4096, H100, G)["block_m"] for G in (64, 128)] == [64, 128]
     # groups of 128 at 16 rows, the sweep's best on the 8B shapes: one warp, 32 rows a program, the same K splits
     configs = [default_config(4, 16, N, K, H100, 128) for N, K in ((6144, 4096), (4096, 4096), (28672, 4096),
                                                                    (4096, 14336))]
