@@ -211,9 +211,10 @@ class CompiledDecodeStep:
         return self.verify_graph(model, tokens, positions, span, choose)
 
     def _constant(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+        """Greedy decoding's parameters, for callers other than the scheduler (which passes `row_state`'s). Not
+        marked static: a graph recorded with them would be recorded again for the next caller's own tensors."""
         if key not in self.constants:
             self.constants[key] = make()
-            torch._dynamo.mark_static_address(self.constants[key])  # (read in place, as `row_state`'s buffers)
         return self.constants[key]
 
     def prefill(self, model: Transformer, tokens: Tensor, logits_at: Tensor, rows: Tensor) -> Tensor:
