@@ -164,9 +164,9 @@ class Update(NamedTuple):
 class RowState:
     """What a decode step reads of each of the cache's rows besides the cache, at fixed addresses: a compiled
     step's CUDA graph reads its inputs in place only there (an input elsewhere is first copied to where the graph
-    was recorded, at every replay: a kernel of its own). A plain decode step writes `tokens` and moves `positions`
-    on by `advance` itself (`generate.decode_step`); a step that prompts join, or whose logits go back to the
-    scheduler, leaves that to the scheduler."""
+    was recorded, at every replay: a kernel of its own). A step that chooses the tokens itself, with no prompts
+    joining it (`Scheduler._choosing_step`), also writes `tokens` and moves `positions` on by `advance`
+    (`generate.decode_step`); after any other step the scheduler does both."""
 
     tokens: Tensor  # [slots] long: each row's latest token
     positions: Tensor  # [slots] long: the position it goes to

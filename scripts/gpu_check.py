@@ -1,5 +1,6 @@
 """bf16 correctness on the GPU: the engine (eager and compiled) is as close to a float32 reference as
-transformers' own bf16 logits are, on a random checkpoint of the Llama 3.2 1B shape (all 16 layers).
+transformers' own bf16 logits are, on a random checkpoint of the Llama 3.2 1B shape (all 16 layers); compiled
+generation, free-running, chooses each token as a full forward over the tokens before it would.
 
     python scripts/gpu_check.py                  # exits 1 if a check fails
     python scripts/gpu_check.py --no-quantized   # without the quantized layers' checks (most of its ~11 minutes)
