@@ -395,8 +395,7 @@ class Scheduler:
             self.rows.advance[:B] = to_device(torch.tensor(key, dtype=torch.long), self.device)
         wants_logprobs = any(job.request.logprobs is not None for job in generating)
         token, position = self.tokens[:B, None], self.positions[:B, None]  # [B, 1] each
-        in_step = getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda" \
-            and not wants_logprobs and params.uses <= {"sampling", "top_k"}
+        in_step = self._chooses_tokens(params, wants_logprobs)
         if in_step and join is None:  # (the step writes the next step's token and position itself)
             # every input from `rows`, greedy or not: one CUDA graph reads them all in place
             self._random(everyone, params, (self.vocab_size,), exponential_race, out=self.rows.race[:B])
@@ -426,6 +425,12 @@ class Scheduler:
         self._started(joining, slots, lengths, chosen[B:])
         self._launch([(job, job.slot) for job in generating] + [(job, B + i) for i, job in enumerate(joining)],
                      chosen[:, None].clone(), None)
+
+    def _chooses_tokens(self, params: RowParams, wants_logprobs: bool) -> bool:
+        """Whether the decode step chooses the rows' tokens itself (`generate.pick`): a compiled step on a GPU, for
+        temperature and top-k (the sampler's other rules, and log-probabilities, need the logits here)."""
+        return getattr(self.decode, "chooses_tokens", False) and self.device.type == "cuda" and not wants_logprobs \
+            and params.uses <= {"sampling", "top_k"}
 
     def _choosing_step(self, B: int, params: RowParams, top_k: Tensor, span: int) -> Tensor:
         """A decode step of the first B rows that chooses their tokens and writes the next step's inputs itself,

@@ -3,6 +3,8 @@ alone, checked against transformers' greedy choices on a random checkpoint (floa
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import official_config, shrink, write_hf_checkpoint
@@ -62,6 +64,37 @@ def test_requests_joining_a_running_batch_get_their_solo_tokens(llm, checkpoint)
     for job, ids in zip((a, b, c), prompts):
         assert job.output.token_ids == transformers_greedy(checkpoint[1], ids, job.request.max_new_tokens)
         assert job.output.finish_reason == "length"
+
+
+def per_row_kth(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k-th largest logit of each row, k a tensor [B] (as the GPU kernel takes it; k >= V masks nothing)."""
+    k = torch.as_tensor(k).expand(logits.shape[0]).clamp(max=logits.shape[-1])
+    return logits.sort(dim=-1, descending=True).values.gather(-1, k[:, None] - 1)
+
+
+def test_a_step_that_chooses_its_tokens_writes_the_next_inputs_itself(llm, checkpoint, monkeypatch):
+    """The compiled GPU step's way, on the CPU: the step chooses the tokens (`generate.pick`, top-k as a tensor),
+    writes them into the scheduler's `RowState` and moves each row's position on by its `advance`, rows finishing
+    at different steps (a finished row's position stays: the cache holds the longest request and no more, so one
+    that moved on would fall off its end). Greedy rows get transformers' tokens; seeded sampled rows with top-k get
+    what the scheduler's own sampler gives them over the logits."""
+    prompts = [prompt(40 + i, length) for i, length in enumerate((19, 3, 7))]
+    greedy = [Request(p, n) for p, n in zip(prompts, (2, 18, 5))]
+    sampled = [Request(p, n, SamplingParams(temperature=0.8, top_k=20), seed=7 + i)
+               for i, (p, n) in enumerate(zip(prompts, (2, 18, 5)))]
+
+    def generate(requests: list[Request]) -> list[list[int]]:
+        llm.model.setup_cache(3, 21)
+        s = Scheduler(llm.model, functools.partial(decode_step, kth=per_row_kth), None, [])
+        jobs = [s.submit(request) for request in requests]
+        run(s, jobs)
+        return [job.output.token_ids for job in jobs]
+
+    plain = generate(sampled)
+    monkeypatch.setattr(Scheduler, "_chooses_tokens", lambda self, params, wants_logprobs: True)
+    for job, ids, request in zip(generate(greedy), prompts, greedy):
+        assert job == transformers_greedy(checkpoint[1], ids, request.max_new_tokens)
+    assert generate(sampled) == plain
 
 
 def test_more_requests_than_rows_wait_and_reuse_the_rows_freed(llm, checkpoint):
