@@ -197,7 +197,7 @@ class CompiledDecodeStep:
 
     @property
     def row_pointers(self) -> set[int]:
-        return {buffer.data_ptr() for rows in self.rows.values() for buffer in rows.tensors()}
+        return {buffer.data_ptr() for rows in self.rows.values() for buffer in vars(rows).values()}
 
     def verify(self, model: Transformer, tokens: Tensor, positions: Tensor, span: int, choose: bool = False) -> Tensor:
         """`generate.verify_step` (speculative decoding's k + 1 tokens a row), as a CUDA graph of its own on a GPU

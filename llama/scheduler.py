@@ -189,9 +189,6 @@ class RowState:
         self.race.fill_(1)
         return self
 
-    def tensors(self) -> tuple[Tensor, ...]:
-        return self.tokens, self.positions, self.advance, self.temperature, self.top_k, self.race
-
 
 @dataclass
 class _Launch:
@@ -252,7 +249,6 @@ class Scheduler:
             # scheduler to the next, so that its CUDA graphs read them in place)
             make = getattr(decode, "row_state", RowState.new)
             self.rows: RowState = make(self.slots, self.vocab_size, self.device)
-        self.tokens, self.positions = self.rows.tokens, self.rows.positions
         self._advancing: tuple | None = None  # the rows that `rows.advance` moves on (a step's B rows: True)
         self.seen: Tensor | None = None  # [slots, V] bool, tokens each row has seen (for repetition penalties)
         self.lock = threading.Lock()
@@ -344,8 +340,8 @@ class Scheduler:
 
     def _started(self, jobs: Sequence[Job], slots: Tensor, lengths: Tensor, first: Tensor) -> None:
         """New jobs' first tokens [n] chosen: from the next step on, each decodes at its prompt's end."""
-        self.tokens[slots] = first
-        self.positions[slots] = lengths
+        self.rows.tokens[slots] = first
+        self.rows.positions[slots] = lengths
         for job in jobs:
             job.position, job.launched = len(job.request.prompt), 1
 
@@ -394,7 +390,7 @@ class Scheduler:
             self._advancing = key
             self.rows.advance[:B] = to_device(torch.tensor(key, dtype=torch.long), self.device)
         wants_logprobs = any(job.request.logprobs is not None for job in generating)
-        token, position = self.tokens[:B, None], self.positions[:B, None]  # [B, 1] each
+        token, position = self.rows.tokens[:B, None], self.rows.positions[:B, None]  # [B, 1] each
         in_step = self._chooses_tokens(params, wants_logprobs)
         if in_step and join is None:  # (the step writes the next step's token and position itself)
             # every input from `rows`, greedy or not: one CUDA graph reads them all in place
@@ -409,17 +405,17 @@ class Scheduler:
             else:
                 logits = self.decode(self.model, token, position, span=span, joining=join).float()  # [B (+ n), V]
                 chosen = sample_rows(logits, params, None if self.seen is None else self.seen[:B], race)
-            self.tokens[:B] = chosen[:B]  # (a copy: a CUDA graph's output is overwritten by its next replay)
-            self.positions[:B] += self.rows.advance[:B]  # (rows done generating stay where they are, in the cache)
+            self.rows.tokens[:B] = chosen[:B]  # (a copy: a CUDA graph's output is overwritten by its next replay)
+            self.rows.positions[:B] += self.rows.advance[:B]  # (rows done generating stay where they are, in the cache)
         if self.seen is not None:
-            self.seen[torch.arange(B, device=self.device), self.tokens[:B]] = True
+            self.seen[torch.arange(B, device=self.device), self.rows.tokens[:B]] = True
         for job in generating:
             job.position += 1
             job.launched += 1
         self.decode_steps += 1
         self.decoded_tokens += len(generating)
         if join is None:  # (the copy to the host is queued before the next step, which writes `tokens` anew)
-            self._launch([(job, job.slot) for job in generating], self.tokens[:B, None],
+            self._launch([(job, job.slot) for job in generating], self.rows.tokens[:B, None],
                          logits[:, None] if wants_logprobs else None)
             return
         self._started(joining, slots, lengths, chosen[B:])
@@ -435,8 +431,9 @@ class Scheduler:
     def _choosing_step(self, B: int, params: RowParams, top_k: Tensor, span: int) -> Tensor:
         """A decode step of the first B rows that chooses their tokens and writes the next step's inputs itself,
         every input from `self.rows` (`generate.decode_step`): greedy and sampled steps replay one CUDA graph."""
-        return self.decode(self.model, self.tokens[:B, None], self.positions[:B, None], True, self.rows.race[:B],
-                           params.temperature, top_k, span=span, advance=self.rows.advance[:B, None])
+        rows = self.rows
+        return self.decode(self.model, rows.tokens[:B, None], rows.positions[:B, None], True, rows.race[:B],
+                           params.temperature, top_k, span=span, advance=rows.advance[:B, None])
 
     def _speculate(self) -> bool:
         """A verify step (speculative.py) for the rows still generating; False (nothing done) when no row has a
@@ -469,7 +466,7 @@ class Scheduler:
             proposals = self._on_device([p + [0] * (k - len(p)) for p in lists])  # [B, k]
         # The row's latest token and its proposals, at the positions that follow (past the cache: its last slot,
         # where only padding or a free row's tokens go)
-        tokens = torch.cat([self.tokens[:B, None], proposals], dim=1)  # [B, k+1]
+        tokens = torch.cat([self.rows.tokens[:B, None], proposals], dim=1)  # [B, k+1]
         at = self._on_device([[min(p + j, self.length - 1) for j in range(k + 1)] for p in positions])
         generating = [job for job in rows if job is not None and job.generating]
         wants_logprobs = any(job.request.logprobs is not None for job in generating)
@@ -503,8 +500,8 @@ class Scheduler:
             self.proposed_tokens += counts[job.slot]
             self.accepted_tokens += n - 1
         ends = [job.position if job is not None and job.generating else p for job, p in zip(rows, positions)]
-        self.positions[:B] = self._on_device(ends)
-        self.tokens[:B] = self._on_device([chosen_host[row][emitted[row] - 1] for row in range(B)])
+        self.rows.positions[:B] = self._on_device(ends)
+        self.rows.tokens[:B] = self._on_device([chosen_host[row][emitted[row] - 1] for row in range(B)])
         if self.seen is not None:
             for job in generating:
                 self.seen[job.slot, chosen[job.slot, :emitted[job.slot]]] = True
@@ -567,7 +564,7 @@ class Scheduler:
             self.prefill(self.model, prompts, last, rows)
             if joins:
                 params, top_k = self._params([None] * (B + n))
-                self.decode(self.model, self.tokens[:B, None], self.positions[:B, None], True, None,
+                self.decode(self.model, self.rows.tokens[:B, None], self.rows.positions[:B, None], True, None,
                             params.temperature, top_k, span=64,  # (any span past 1: a size of 1 compiles apart)
                             joining=Joining(prompts, rows, last))
             torch.cuda.synchronize(self.device)
@@ -598,7 +595,8 @@ class Scheduler:
         step is (a verify step or a decode step, how many tokens it proposes)."""
         if "sampling" not in params.uses:
             return None
-        draws = draw((len(rows), *shape), self.device, self.generator, *([] if out is None else [out]))
+        size = (len(rows), *shape)
+        draws = draw(size, self.device, self.generator) if out is None else draw(size, self.device, self.generator, out)
         for index, job in enumerate(rows):
             if job is not None and job.generator is not None and job.request.params.temperature > 0 \
                     and job.generating:
