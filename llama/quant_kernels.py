@@ -22,20 +22,19 @@ dot    BLOCK_M >= 16, chosen at M >= 2. Program (n block, m block, K split): eac
        is read once per BLOCK_M rows of x.
 
 The gemvs multiply in integers (`_x16_step`, `_dot2`). The weights are read as int32 words (the stored bytes
-viewed), 4 int8 or 8 int4 values each. A step rounds its BLOCK_K values of x to 16-bit integers against the
-step's largest |x|, x ~ d v with d = max |x| / 32767 (at most 2^-16 of that largest value off; bf16 x itself
-carries 2^-9 of each value), packs them two a word, and one dp2a instruction multiplies a word's two 16-bit
-values by two of a weight word's bytes and adds both products to an int32 sum, exactly: int8 bytes are used as
-they are (2 dp2a a word), int4 words are split into their low and high nibbles by two masks (features 0, 2, 4, 6
-and 1, 3, 5, 7 of the word, each nibble alone in a byte; 4 dp2a a word). The step's int32 sums then take d (and
-for int4, per group, the scale; the minimum multiplies the float sum of x). Compiled for sm_90 by Triton 3.6
-(offline, SASS counted), the loops take ~1.9 (int8) and ~2.4 (int4) instructions per weight, against ~4.3 and
-~4.6 for the float32 loops they replaced (a field ORed into the mantissa of 2^23, one fma to take it out, one
-fma for its product: `_byte`, which the int8 dot kernel still uses). On an H100 that made the int4 gemvs 2-14%
-faster (10% over a layer's four) and the int8 ones 1-4% (docs/benchmarks.md): issue was not what bound the
-float loops; each kernel's fixed start and end weigh more (qkv's 14 MB at 8B, 4.7 µs at the copy rate, take 9.2
-µs). 16-bit x is loaded as int32 pairs, which the loop pipeline copies ahead with cp.async (2-byte loads it would
-wait for).
+viewed), 4 int8 or 8 int4 values each. A step rounds its BLOCK_K values of x to 16-bit integers against the largest
+|x| of the step (int8) or of each group (int4), x ~ d v with d = max |x| / 32767 (at most 2^-16 of that largest
+value off; bf16 x itself carries 2^-9 of each value), packs them two a word, and one dp2a instruction multiplies a
+word's two 16-bit values by two of a weight word's bytes and adds both products to an int32 sum, exactly: int8 bytes
+are used as they are (2 dp2a a word), int4 words are split into their low and high nibbles by two masks (features 0,
+2, 4, 6 and 1, 3, 5, 7 of the word, each nibble alone in a byte; 4 dp2a a word). The step's int32 sums then take d
+(and for int4, per group, the scale; the minimum multiplies the float sum of x). Compiled for sm_90 by Triton 3.6
+(offline, SASS counted), the loops take ~1.9 (int8) and ~2.4 (int4) instructions per weight, against ~4.3 and ~4.6
+for the float32 loops they replaced (a field ORed into the mantissa of 2^23, one fma to take it out, one fma for its
+product: `_byte`, which the int8 dot kernel still uses). On an H100 that made the int4 gemvs 2-14% faster (10% over
+a layer's four) and the int8 ones 1-4% (docs/benchmarks.md): issue was not what bound the float loops; each kernel's
+fixed start and end weigh more (qkv's 14 MB at 8B, 4.7 µs at the copy rate, take 9.2 µs). 16-bit x is loaded as
+int32 pairs, which the loop pipeline copies ahead with cp.async (2-byte loads it would wait for).
 
 Unpacking for the int8 dot kernel (`_byte`): Triton casts int8 with I2F.S8, one of the conversions the CUDA
 guide rates at 16 per SM per clock against 128 fmas; instead a field is ORed into the low mantissa bits of the
@@ -68,9 +67,9 @@ A batch-1 decode step's neighbours of the products, inside the gemvs (`_finish`,
 RMSNorm before qkv and gate_up (x times the norm's weight as it is read, sum x^2 on the way, the outputs times
 1 / rms at the end), SwiGLU after gate_up (a program takes BLOCK_N / 2 rows of the gate and the same rows of the
 up projection, `_gemv_rows`, and stores silu(gate) * up), the residual add after o and down (before the one
-rounding). Each program walks all of x, so the norm's work on x is repeated in every program: on an H100 it costs
-gate_up 3.2 µs of its 29.5 at 8B int4, where the norm's own kernel and the gap before it took 2.4-4.7 µs
-(docs/benchmarks.md).
+rounding). Each program of the blocked gemvs walks all of x, so the norm's work on x is repeated in every program:
+on an H100 it costs gate_up 3.2 µs of its 29.5 at 8B int4, where the norm's own kernel and the gap before it took
+2.4-4.7 µs (docs/benchmarks.md); the persistent int4 gemv rounds x, the norm's weight in, once a program.
 
 Split-K. With SPLIT_K > 1 each program covers 1 / SPLIT_K of K and writes float32 partial sums [SPLIT_K, M, N]
 that a second small kernel adds up. It pays only when the n blocks alone leave SMs idle: a small N (tensor-
@@ -78,6 +77,13 @@ parallel shards, qkv, o and down at 8B), or row blocks of 64. Elsewhere it would
 
 Launch configs (`default_config`; no autotuning, since a compiled graph must launch the same kernel every step,
 chosen without timing anything; each knob is a keyword override, which scripts/quant_kernels_bench.py sweeps):
+  M = 1    int4, groups of 64 with K <= 16384: the persistent gemv (`_int4_gemv_resident_kernel`), `programs` a
+           SM (3 up to K = 4096, else 2), BLOCK_N = 4 rows a step (2 past K = 4096), 4 warps, 3 stages: the best
+           of an H100 chain of 8B layers. Alone, against the blocked gemv's best config, it was 1-12% faster on
+           the 8B and 70B shapes but o at 70B (+2%) and down at 8B (+4%, where the chain gained 0.9 us). Groups of
+           128 alone: +4-5% at qkv and o, -5% at gate_up (8B), slower past K = 4096, no chain run; groups of 32
+           and 256 were not measured: they keep the blocked gemv, as does any K past 16384 (x would not fit in
+           registers). A programs override asks for it, a block_k or split_k override for the blocked gemv:
   M = 1    gemv: BLOCK_K = 1 KB of each row a step (1024 int8 features, 2048 int4 ones; int4 with N >= 8192:
            512 bytes: on the H100 sweep 1 KB was 3-12% faster at o and down, half a KB 2% at gate_up; with the
            norm inside, half a KB everywhere: 6-13% faster at qkv, 0-3% at gate_up),
@@ -116,7 +122,7 @@ from torch import Tensor
 from llama.kernels import launch, let_next_start, wait_for_inputs
 from llama.model import rms_norm, silu_mul
 
-CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
+CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "programs")
 MAGIC = 0x4B000000  # the bits of the float32 2^23 (`_byte`)
 
 
@@ -196,12 +202,14 @@ def _x_lane(x_row, g_row, i, in_k, t: tl.constexpr, LANES: tl.constexpr, NORM: t
 
 
 @triton.jit
-def _x16_step(x_row, g_row, i, in_k, LANES: tl.constexpr, NORM: tl.constexpr):
+def _x16_step(x_row, g_row, i, in_k, LANES: tl.constexpr, NORM: tl.constexpr, CHUNK: tl.constexpr = 0):
     """The step's x, 8 (int4) or 4 (int8) features a word: x_t[i] = x[LANES i + t] (times the norm's weight g when
-    NORM) rounded to 16-bit integers against the step's largest |x|, x_t ~ d v_t with d = max |x| / 32767 and
-    |v_t| <= 32767 (1.5e-5 of the largest value at most: bf16 x itself carries 2^-9 of each value), packed two a
-    word in the order the weights' bytes take them (`_dot2`): -> (the pairs of a word, 4 or 2 of them, d, the
-    float sum of x over each word's features, the sum of their squares before g).
+    NORM) rounded to 16-bit integers against the largest |x| of the step, or with CHUNK of each CHUNK consecutive
+    words (an int4 group), x_t ~ d v_t with d = max |x| / 32767 and |v_t| <= 32767 (1.5e-5 of that largest value
+    at most: bf16 x itself carries 2^-9 of each value), packed two a word in the order the weights' bytes take
+    them (`_dot2`): -> (the pairs of a word, 4 or 2 of them, d (a scalar, or [len(i) / CHUNK]), the float sum of x
+    over each word's features, the sum of their squares before g). A chunk's words lie in adjacent lanes of one
+    warp, so its d needs no exchange between warps, where the step's needs two barriers.
 
     The rounding is one fma: v + 1.5 2^23 is a float whose last place is worth 1, and whose low 16 bits are round(v)
     in two's complement (the high bits, 0x4B40, are dropped by the packing)."""
@@ -221,8 +229,13 @@ def _x16_step(x_row, g_row, i, in_k, LANES: tl.constexpr, NORM: tl.constexpr):
                                                  tl.maximum(tl.abs(x6), tl.abs(x7))))
         x_sum += (x4 + x5) + (x6 + x7)
         squares += (q4 + q5) + (q6 + q7)
-    amax = tl.maximum(tl.max(biggest, axis=0), 1e-30)
-    inv = 32767.0 / amax
+    if CHUNK:  # a d per CHUNK words: [len(i) / CHUNK]
+        amax = tl.maximum(tl.max(tl.reshape(biggest, [biggest.shape[0] // CHUNK, CHUNK]), axis=1), 1e-30)
+        inv = tl.reshape(tl.broadcast_to((32767.0 / amax)[:, None], [biggest.shape[0] // CHUNK, CHUNK]),
+                         [biggest.shape[0]])
+    else:
+        amax = tl.maximum(tl.max(biggest, axis=0), 1e-30)
+        inv = 32767.0 / amax
     if LANES == 8:  # int4: the low nibbles of a word are features 0, 2, 4, 6, the high ones 1, 3, 5, 7
         return (_pair(x0, x2, inv), _pair(x4, x6, inv), _pair(x1, x3, inv), _pair(x5, x7, inv), amax / 32767.0,
                 x_sum, squares)
@@ -367,7 +380,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
     """Program (n block, row m, split): y[m, n] over the split's K range for BLOCK_N rows n. Word i of a row holds
     q[n, 8i + t] in bits 4t..4t+3. A step covers GROUPS whole groups of G / 8 words, or part of one group
     (WORDS words); per group, y += s sum_k x_k q_k + mn sum_k x_k, the first sum over x rounded to 16 bits
-    (`_x16_step`) in int32, two products an instruction (`_dot2`), times d. NORM, RESIDUAL, SWIGLU: as in int8."""
+    (`_x16_step`, rounded against the group's largest |x|) in int32, two products an instruction (`_dot2`), times
+    the group's d. NORM, RESIDUAL, SWIGLU: as in int8."""
     WORDS: tl.constexpr = min(BLOCK_K, G) // 8  # words of one group in a step
     GROUPS: tl.constexpr = BLOCK_K // (8 * WORDS)
     pid_n, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -387,7 +401,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
         ok = row_ok[:, None] & (g < NG)[None, :]
         s = tl.load(scales_ptr + n[:, None] * NG + g[None, :], mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, GROUPS]
         mn = tl.load(mins_ptr + n[:, None] * NG + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        p0, p1, p2, p3, d, x_sum, step_squares = _x16_step(x_row, g_ptr, i, in_k, 8, NORM)
+        p0, p1, p2, p3, d, x_sum, step_squares = _x16_step(x_row, g_ptr, i, in_k, 8, NORM, WORDS)  # d: [GROUPS]
         low, high = words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F  # features 8i + 0, 2, 4, 6 and 8i + 1, 3, 5, 7
         dot = _dot2(p0[None, :], low, 0, False, False, ASM)
         dot = _dot2(p1[None, :], low, dot, True, False, ASM)
@@ -395,11 +409,57 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
         dot = _dot2(p3[None, :], high, dot, True, False, ASM)  # [n, i]: sum_t v_t q[n, 8i + t]
         dot = tl.sum(tl.reshape(dot, [BLOCK_N, GROUPS, WORDS]), axis=2)  # [BLOCK_N, GROUPS]
         x_sum = tl.sum(tl.reshape(x_sum, [GROUPS, WORDS]), axis=1)  # [GROUPS]
-        total += s * (dot.to(tl.float32) * d) + mn * x_sum[None, :]
+        total += s * (dot.to(tl.float32) * d[None, :]) + mn * x_sum[None, :]
         squares += step_squares
     let_next_start(PDL)
     _finish(out_ptr, tl.sum(total, axis=1), m, n, M, N, split, pid_n, squares, KW * 8, ss_ptr, res_ptr, eps, NORM,
             RESIDUAL, SPLIT, SWIGLU)
+
+
+@triton.jit
+def _int4_gemv_resident_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x, g_ptr,
+                               res_ptr, ss_ptr, eps, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               NUM_STAGES: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+                               SPLIT: tl.constexpr, SWIGLU: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """Program (p, row m) of a persistent grid (`programs` a config): x over all of K is rounded once, before the
+    loop, and stays in registers (1 / rms(x) folded into its d and sums when NORM); the program then walks the
+    weight-row blocks p, p + programs, ..., BLOCK_N rows each and all of K a step (BLOCK_K: K rounded up to a
+    power of two), the next blocks' weights copied ahead by the loop pipeline, each block's products as in
+    `_int4_gemv_kernel`. The arguments are the blocked gemv's (`_launch`); k_per_split, ss_ptr and SPLIT unused.
+    Against that gemv, whose every program walks and rounds x again (1,792 programs for gate_up at 8B) and
+    ramps its own pipeline up and down, a chain of 8 of the 8B shape's layers took 64.4 us a layer against 69.1
+    on an H100 (docs/benchmarks.md)."""
+    KW_BLOCK: tl.constexpr = BLOCK_K // 8
+    WORDS: tl.constexpr = G // 8
+    GROUPS: tl.constexpr = KW_BLOCK // WORDS
+    p, m, programs = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    NG = KW * 8 // G
+    i = tl.arange(0, KW_BLOCK)  # word index
+    in_k = i < KW
+    g = tl.arange(0, GROUPS)
+    x_row = x_ptr + m * stride_x
+    wait_for_inputs(PDL)
+    p0, p1, p2, p3, d, x_sum, squares = _x16_step(x_row, g_ptr, i, in_k, 8, NORM, WORDS)  # d: [GROUPS]
+    x_sum = tl.sum(tl.reshape(x_sum, [GROUPS, WORDS]), axis=1)  # [GROUPS]
+    if NORM:  # the RMSNorm's 1 / rms(x), once
+        inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / (KW * 8) + eps)
+        d, x_sum = d * inv_rms, x_sum * inv_rms
+    for b in tl.range(p, tl.cdiv(N, BLOCK_N), programs, num_stages=NUM_STAGES):
+        n, row_ok = _gemv_rows(b, N, BLOCK_N, SWIGLU)  # [BLOCK_N]
+        words = tl.load(w_ptr + n[:, None].to(tl.int64) * KW + i[None, :], mask=row_ok[:, None] & in_k[None, :],
+                        other=0)  # [BLOCK_N, KW_BLOCK]
+        ok = row_ok[:, None] & (g < NG)[None, :]
+        s = tl.load(scales_ptr + n[:, None] * NG + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        mn = tl.load(mins_ptr + n[:, None] * NG + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        low, high = words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F
+        dot = _dot2(p0[None, :], low, 0, False, False, ASM)
+        dot = _dot2(p1[None, :], low, dot, True, False, ASM)
+        dot = _dot2(p2[None, :], high, dot, False, False, ASM)
+        dot = _dot2(p3[None, :], high, dot, True, False, ASM)  # [n, i]: sum_t v_t q[n, 8i + t]
+        dot = tl.sum(tl.reshape(dot, [BLOCK_N, GROUPS, WORDS]), axis=2)  # [BLOCK_N, GROUPS]
+        y = tl.sum(s * (dot.to(tl.float32) * d[None, :]) + mn * x_sum[None, :], axis=1)
+        _finish(out_ptr, y, m, n, M, N, 0, b, squares, KW * 8, out_ptr, res_ptr, eps, False, RESIDUAL, False, SWIGLU)
+    let_next_start(PDL)
 
 
 # Nibble t of each 16-bit unit (one per half of a 32-bit register) is ORed into the low mantissa bits of 128.0
@@ -548,7 +608,12 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
     overrides = {key: value for key, value in overrides.items() if value}
     assert set(overrides) <= set(CONFIG_KEYS), overrides
     block_m = 1 if M == 1 else 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    if overrides.get("block_m", block_m) == 1:
+    resident = group_size == 64 and K <= 16384  # (the H100 sweeps)
+    if overrides.get("block_m", block_m) == 1 and bits == 4 and (resident or "programs" in overrides) and not {
+            "block_k", "split_k"} & set(overrides):  # the persistent gemv (x in registers: 64 a thread at 16384)
+        config = dict(block_m=1, block_n=4 if K <= 4096 else 2, block_k=8 * triton.next_power_of_2(K // 8),
+                      split_k=1, num_warps=4, num_stages=3, programs=3 if K <= 4096 else 2)
+    elif overrides.get("block_m", block_m) == 1:
         config = dict(block_m=1, block_n=16 if triton.cdiv(N, 16) >= sm_count else 8, block_k=8192 // bits,
                       num_warps=4, num_stages=3)
         if bits == 4:  # the H100 sweep: half a KB of each row a step from 8k rows on, else 1 KB
@@ -570,15 +635,16 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
             config |= dict(block_n=32, num_warps=1)
         if x_itemsize == 4:  # float32 x tiles: half the features a step and two stages fit shared memory
             config |= dict(block_k=min(block_k, 128), num_stages=2)
-    config |= overrides
+    config = dict(programs=0) | config | overrides
     bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
+    assert not config["programs"] or (bits == 4 and bm == 1 and bk >= K), f"programs: the one-row int4 kernel, {config}"
     assert bm == 1 or bm >= 16, f"block_m={bm}: 1 (gemv) or at least 16 (tl.dot)"
     smallest = 32 // bits if bm == 1 else 64 if bits == 4 else 16  # (int4 dot: four tl.dot of bk / 4 features)
     assert bk & (bk - 1) == 0 and bk >= smallest, f"block_k={bk}: a power of two, >= {smallest}"
     if "split_k" not in config:
-        programs, split_k = triton.cdiv(N, bn) * (M if bm == 1 else triton.cdiv(M, bm)), 1
+        blocks, split_k = triton.cdiv(N, bn) * (M if bm == 1 else triton.cdiv(M, bm)), 1
         wanted = 2 * sm_count if bits == 4 and bm == 16 else sm_count  # (H100: 2-3 mma.sync programs an SM)
-        while programs * split_k < wanted and K >= 4 * split_k * bk:
+        while blocks * split_k < wanted and K >= 4 * split_k * bk:
             split_k *= 2
         config["split_k"] = split_k
     return {key: config[key] for key in CONFIG_KEYS}
@@ -614,7 +680,10 @@ def _launch(kernel, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, 
     else:
         tail = (norm_weight if norm else x, residual, squares, eps, *tail)
         constexprs |= dict(NORM=norm, RESIDUAL=add, SPLIT=split_k > 1, SWIGLU=swiglu)
-    launch(kernel, (triton.cdiv(N, bn), M if bm == 1 else triton.cdiv(M, bm), split_k),
+    blocks = triton.cdiv(N, bn)
+    if config["programs"]:  # persistent: each program walks blocks p, p + programs, ...
+        blocks = min(blocks, config["programs"] * _sm_count(x.device))
+    launch(kernel, (blocks, M if bm == 1 else triton.cdiv(M, bm), split_k),
            x, words, *meta, target, M, N, words.shape[1], k_per_split, x.stride(0), *tail, BLOCK_N=bn, BLOCK_K=bk,
            NUM_STAGES=config["num_stages"], num_warps=config["num_warps"], num_stages=config["num_stages"],
            **constexprs)
@@ -629,12 +698,13 @@ def _launch(kernel, x: Tensor, words: Tensor, meta: tuple[Tensor, ...], N: int, 
 @torch.library.custom_op("llama::int8_linear", mutates_args=())
 def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, norm_weight: Tensor | None = None, eps: float = 0.0,
                  residual: Tensor | None = None, swiglu: bool = False, block_m: int = 0, block_n: int = 0,
-                 block_k: int = 0, split_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
+                 block_k: int = 0, split_k: int = 0, num_warps: int = 0, num_stages: int = 0,
+                 programs: int = 0) -> Tensor:
     M, K = x.shape
     N = weight.shape[0]
     config = default_config(8, M, N, K, _sm_count(x.device), norm=norm_weight is not None, block_m=block_m,
                             block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                            num_stages=num_stages)
+                            num_stages=num_stages, programs=programs)
     ends = dict(norm_weight=norm_weight, eps=eps, residual=residual, swiglu=swiglu)
     if config["block_m"] == 1:
         return _launch(_int8_gemv_kernel, x, weight.view(torch.int32), (scale,), N, config, **ends, ASM=x.is_cuda)
@@ -645,16 +715,17 @@ def _int8_linear(x: Tensor, weight: Tensor, scale: Tensor, norm_weight: Tensor |
 def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int,
                  norm_weight: Tensor | None = None, eps: float = 0.0, residual: Tensor | None = None,
                  swiglu: bool = False, block_m: int = 0, block_n: int = 0, block_k: int = 0, split_k: int = 0,
-                 num_warps: int = 0, num_stages: int = 0) -> Tensor:
+                 num_warps: int = 0, num_stages: int = 0, programs: int = 0) -> Tensor:
     M, K = x.shape
     N = qweight.shape[0]
     config = default_config(4, M, N, K, _sm_count(x.device), group_size, x.element_size(), norm_weight is not None,
                             block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                            num_stages=num_stages)
+                            num_stages=num_stages, programs=programs)
     ends = dict(norm_weight=norm_weight, eps=eps, residual=residual, swiglu=swiglu)
     if config["block_m"] == 1:
-        return _launch(_int4_gemv_kernel, x, qweight.view(torch.int32), (scales, mins), N, config, **ends,
-                       G=group_size, ASM=x.is_cuda)
+        kernel = _int4_gemv_resident_kernel if config["programs"] else _int4_gemv_kernel
+        return _launch(kernel, x, qweight.view(torch.int32), (scales, mins), N, config, **ends, G=group_size,
+                       ASM=x.is_cuda)
     return _launch(_int4_dot_kernel, x, qweight.view(torch.int16), (scales, mins), N, config, K // group_size,
                    **ends, G=group_size, EVEN_K=K % config["block_k"] == 0,
                    ASM=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
@@ -674,7 +745,8 @@ def _(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int,
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, norm_weight: Tensor | None = None, eps: float = 0.0,
                 residual: Tensor | None = None, swiglu: bool = False, block_m: int = 0, block_n: int = 0,
-                block_k: int = 0, split_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> Tensor:
+                block_k: int = 0, split_k: int = 0, num_warps: int = 0, num_stages: int = 0,
+                programs: int = 0) -> Tensor:
     """x [M, K] (bf16, fp16 or fp32), weight int8 [N, K], scale [N] in x's dtype -> y [M, N] in x's dtype:
 
         y[m, n] = scale[n] * sum_k x[m, k] weight[n, k]        (float32 sums)
@@ -689,13 +761,13 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, *, norm_weight: Tensor
     assert scale.shape == (weight.shape[0],) and scale.is_contiguous(), scale.shape
     _check_ends(x, weight.shape[0], norm_weight, residual, swiglu)
     return _int8_linear(x, weight, scale, norm_weight, eps, residual, swiglu, block_m, block_n, block_k, split_k,
-                        num_warps, num_stages)
+                        num_warps, num_stages, programs)
 
 
 def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_size: int, *,
                 norm_weight: Tensor | None = None, eps: float = 0.0, residual: Tensor | None = None,
                 swiglu: bool = False, block_m: int = 0, block_n: int = 0, block_k: int = 0, split_k: int = 0,
-                num_warps: int = 0, num_stages: int = 0) -> Tensor:
+                num_warps: int = 0, num_stages: int = 0, programs: int = 0) -> Tensor:
     """x [M, K] (bf16, fp16 or fp32), qweight uint8 [N, K / 2], scales and mins [N, K / G] in x's dtype, G =
     group_size in {32, 64, 128, 256} dividing K -> y [M, N] in x's dtype:
 
@@ -711,7 +783,7 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group_
     assert scales.shape == mins.shape == (N, K // group_size) and scales.is_contiguous() and mins.is_contiguous()
     _check_ends(x, N, norm_weight, residual, swiglu)
     return _int4_linear(x, qweight, scales, mins, group_size, norm_weight, eps, residual, swiglu, block_m, block_n,
-                        block_k, split_k, num_warps, num_stages)
+                        block_k, split_k, num_warps, num_stages, programs)
 
 
 def _check_ends(x: Tensor, N: int, norm_weight: Tensor | None, residual: Tensor | None, swiglu: bool) -> None:

@@ -5,9 +5,10 @@
     torchrun --nproc-per-node 2 scripts/bench.py --config configs/llama-3.1-70b.json --systems ours,ours-compiled
                                                      # tensor parallel: the engine alone, split over 2 GPUs
 
-Prints one table: tok/s of each system (wall time of prompt 128 + 256 new tokens, prefill included), the ratio to
-transformers' default generate, and the share of the batch-1 bandwidth limit (bytes of weights read per token
-over a device-to-device copy rate measured in the same run).
+Prints one table: tok/s of each system (wall time of prompt 128 + 256 new tokens, prefill included; with --repeats N
+the median of N timed calls, each printed), the ratio to transformers' default generate, and the share of the
+batch-1 bandwidth limit (bytes of weights read per token over a device-to-device copy rate measured in the same
+run).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -125,18 +127,22 @@ def build_models(config_json: dict, device: torch.device, dtype: torch.dtype, wi
     return (hf if with_hf else None), ours
 
 
-def time_ours(llm: Llama, prompts: list[list[int]], new_tokens: int, sampling: dict) -> float:
+def time_ours(llm: Llama, prompts: list[list[int]], new_tokens: int, sampling: dict, repeats: int = 1) -> list[float]:
+    """tok/s of each of `repeats` timed generate calls, after a warm-up one."""
     llm.generate(prompts, max_new_tokens=new_tokens, **sampling)  # warm-up (and compilation)
-    sync(llm.device)
-    start = time.perf_counter()
-    results = llm.generate(prompts, max_new_tokens=new_tokens, **sampling)
-    sync(llm.device)
-    elapsed = time.perf_counter() - start
-    assert all(len(r.token_ids) == new_tokens for r in results)
-    return len(prompts) * new_tokens / elapsed
+    rates = []
+    for _ in range(repeats):
+        sync(llm.device)
+        start = time.perf_counter()
+        results = llm.generate(prompts, max_new_tokens=new_tokens, **sampling)
+        sync(llm.device)
+        elapsed = time.perf_counter() - start
+        assert all(len(r.token_ids) == new_tokens for r in results)
+        rates.append(len(prompts) * new_tokens / elapsed)
+    return rates
 
 
-def time_hf(hf, prompts: list[list[int]], new_tokens: int, sampling: dict, static: bool) -> float:
+def time_hf(hf, prompts: list[list[int]], new_tokens: int, sampling: dict, static: bool, repeats: int) -> list[float]:
     device = hf.device
     length = max(map(len, prompts))
     ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts], device=device)  # left-padded
@@ -150,12 +156,15 @@ def time_hf(hf, prompts: list[list[int]], new_tokens: int, sampling: dict, stati
     with torch.inference_mode():
         for _ in range(2 if static else 1):  # warm-up (static: compile, then settle the graphs)
             hf.generate(ids, **options)
-        sync(device)
-        start = time.perf_counter()
-        out = hf.generate(ids, **options)
-        sync(device)
-    assert out.shape[1] == length + new_tokens
-    return len(prompts) * new_tokens / (time.perf_counter() - start)
+        rates = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            out = hf.generate(ids, **options)
+            sync(device)
+            rates.append(len(prompts) * new_tokens / (time.perf_counter() - start))
+            assert out.shape[1] == length + new_tokens
+    return rates
 
 
 def quantization_of(system: str, group_size: int) -> tuple:
@@ -180,6 +189,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64, help="int4 systems' group size")
     parser.add_argument("--modes", default="greedy,sample", help="greedy, and/or sample (T=0.8, top-k 200)")
     parser.add_argument("--varied", action="store_true", help="also batch 64 with prompt lengths 64..512")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed generate calls per figure, after one warm-up; the table shows their median and "
+                             "the printed rows every call (single calls vary 2-5%% on an H100: docs/benchmarks.md)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--no-pdl", action="store_true",
                         help="launch the engine's Triton kernels without programmatic dependent launch (to compare)")
@@ -250,9 +262,12 @@ def main() -> None:
             for system in systems:
                 try:
                     if system.startswith("hf"):
-                        row[system] = time_hf(hf, prompts, args.new_tokens, sampling, static=system == "hf-static")
+                        rates = time_hf(hf, prompts, args.new_tokens, sampling, system == "hf-static", args.repeats)
                     else:
-                        row[system] = time_ours(llms[system], prompts, args.new_tokens, sampling)
+                        rates = time_ours(llms[system], prompts, args.new_tokens, sampling, args.repeats)
+                    row[system] = statistics.median(rates)
+                    if args.repeats > 1:
+                        row[f"{system} calls"] = [round(rate, 1) for rate in rates]
                 except Exception as e:  # report and go on: one failing system must not hide the others
                     print(f"{system} {name} {mode}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     row[system] = float("nan")

@@ -276,7 +276,7 @@ def static_figures(llm, args: argparse.Namespace, batch: int) -> dict:
     prompts = [torch.randint(0, args.vocab_size, (args.static_prompt_len,), generator=generator).tolist()
                for _ in range(batch)]
     greedy = {"temperature": 0.0, "top_k": None}
-    batch_tok_s = time_ours(llm, prompts, args.static_new_tokens, greedy)
+    batch_tok_s, = time_ours(llm, prompts, args.static_new_tokens, greedy)
     for _ in range(2):  # warm-up (batch 1 compiles its own graph), then the measured answer
         llm.generate(prompts[:1], max_new_tokens=args.static_new_tokens, **greedy)
     stats = llm.stats

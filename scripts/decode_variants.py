@@ -299,7 +299,7 @@ def batch1(model: Transformer, config: ModelConfig) -> None:
             torch._dynamo.reset()
             llm = Llama(model, max_seq_len=1024, compile=True)
             llm.eos_token_ids = []
-            row = {m: time_ours(llm, prompt, 256, sampling) for m, sampling in modes.items()}
+            row = {m: time_ours(llm, prompt, 256, sampling)[0] for m, sampling in modes.items()}
             print(f"end to end, batch 1 | {name:28s} | {json.dumps(row)} | {time.perf_counter() - start:.0f} s",
                   flush=True)
             profile_step(llm, model)
@@ -334,7 +334,7 @@ def timeline(model: Transformer, out: Path, order: str = "greedy,sample") -> Non
     llm = Llama(model, max_seq_len=1024, compile=True)
     llm.eos_token_ids = []
     for mode, sampling in modes.items():
-        tok_s = time_ours(llm, prompt, 256, sampling)
+        tok_s, = time_ours(llm, prompt, 256, sampling)
         s = llm.stats
         print(f"timeline {mode}: {tok_s:.1f} tok/s; first token after {s.prefill_seconds * 1e3:.1f} ms, then "
               f"{s.decode_seconds / (s.new_tokens - 1) * 1e3:.3f} ms per token", flush=True)

@@ -213,8 +213,11 @@ def sweep_grid(bits: int, M: int, group: int = 0) -> list[dict[str, int]]:
         return [dict(block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=sk)
                 for bn, k, w, s, sk in [(64, 128, 4, 4, 0), (64, 256, 4, 4, 0), (128, 128, 8, 4, 0),
                                         (64, 256, 4, 3, 0), (64, 128, 4, 4, 8)]]
-    if M == 1:  # int4, the CUDA-core gemv
-        return [dict(block_m=1, block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=sk)
+    if M == 1:  # int4, the CUDA-core gemvs: persistent (programs a SM; K <= 16384), then blocked
+        return [dict(block_m=1, block_n=bn, num_warps=w, num_stages=s, programs=p)
+                for bn, w, s, p in [(4, 4, 3, 3), (4, 4, 3, 2), (4, 4, 3, 4), (2, 4, 3, 3), (8, 4, 3, 2),
+                                    (4, 8, 3, 3), (4, 4, 4, 3), (2, 4, 4, 2)]] + \
+               [dict(block_m=1, block_n=bn, block_k=k, num_warps=w, num_stages=s, split_k=sk)
                 for bn, k, w, s, sk in [(16, 1024, 4, 3, 0), (32, 1024, 4, 3, 0), (64, 1024, 4, 3, 0),
                                         (16, 2048, 4, 3, 0), (32, 2048, 4, 3, 0), (32, 1024, 8, 3, 0),
                                         (32, 512, 4, 4, 0), (16, 1024, 4, 4, 0), (8, 2048, 4, 3, 0),
@@ -237,7 +240,7 @@ def sweep_grid(bits: int, M: int, group: int = 0) -> list[dict[str, int]]:
 
 
 SHORT = {"block_m": "m", "block_n": "n", "block_k": "k", "num_warps": "warps", "num_stages": "stages",
-         "split_k": "split"}
+         "split_k": "split", "programs": "programs"}
 
 
 def describe(config: dict) -> str:
@@ -251,9 +254,10 @@ def sweep(method: Method, shape: str, N: int, K: int, xs: dict, sms: int, log: l
         default = default_config(method.bits, M, N, K, sms, method.group, norm=method.norm is not None)
         timed = []
         for overrides in sweep_grid(method.bits, M, method.group):
-            config = default_config(method.bits, M, N, K, sms, method.group, norm=method.norm is not None,
-                                    **overrides)
-            try:
+            config = overrides
+            try:  # (a config may not apply: e.g. the persistent gemv past K = 16384)
+                config = default_config(method.bits, M, N, K, sms, method.group, norm=method.norm is not None,
+                                        **overrides)
                 error = method.error(x, **config)
                 seconds = method.time(x, **config) if error <= 1e-2 else math.inf
             except Exception as e:  # e.g. out of shared memory: skip that config

@@ -125,7 +125,11 @@ print("ok")
 INT4 = PRELUDE + """
 from llama.quant_kernels import int4_linear
 cases = [  # (M, N, K, G, config): the path each exercises
-    (1, 72, 128, 32, {}),                                  # gemv (the default at one row), one step wider than K
+    (1, 72, 192, 64, {}),                                  # persistent gemv (the default at one row), K padded
+    (1, 40, 4608, 64, {}),                                 # persistent gemv past K = 4096: 2 rows a block, K padded
+    (3, 72, 512, 256, dict(block_m=1, programs=1)),        # persistent gemv over 3 rows, one program walks all
+    (1, 72, 128, 32, dict(programs=2)),                    # persistent gemv, groups of 32 (asked for)
+    (1, 72, 128, 32, {}),                                  # gemv (groups of 32: the default), one step wider than K
     (1, 72, 256, 64, dict(block_k=64)),                    # gemv, one whole group a step
     (1, 200, 512, 128, dict(block_k=64, split_k=3)),       # gemv, half a group a step, split-K, last split short
     (3, 72, 512, 256, dict(block_m=1, block_k=512)),       # gemv over 3 rows, two groups a step
@@ -140,7 +144,7 @@ cases = [  # (M, N, K, G, config): the path each exercises
 ]
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for index, (M, N, K, G, config) in enumerate(cases):
-        for with_ends in (False, True) if index in (0, 2, 3, 5) else (False,):  # as in int8, on 4 of the paths
+        for with_ends in (False, True) if index in (0, 1, 3, 4, 6, 7, 9) else (False,):  # as in int8, on 7 paths
             x = torch.randn(M, K).to(dtype)
             qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
             scales = (torch.rand(N, K // G) * 0.02 + 0.001).to(dtype)
@@ -213,19 +217,27 @@ def test_default_config_takes_the_gemv_at_one_row_and_splits_k_only_for_idle_sms
 
     H100 = 132  # SMs
     assert default_config(8, 1, 28672, 4096, H100) == dict(block_m=1, block_n=16, block_k=1024, split_k=1,
-                                                           num_warps=4, num_stages=3)
-    assert default_config(4, 1, 4096, 14336, H100, 64)["block_m"] == 1  # int4 at one row: the gemv too
-    assert default_config(4, 1, 4096, 14336, H100, 64)["block_k"] == 2048  # int4: 1 KB of each row a step,
-    assert default_config(4, 1, 28672, 4096, H100, 64)["block_k"] == 1024  # half a KB from 8k rows on
-    assert default_config(4, 1, 6144, 4096, H100, 64, norm=True)["block_k"] == 1024  # and with the norm inside,
+                                                           num_warps=4, num_stages=3, programs=0)
+    # int4 at one row: the persistent gemv, all of K (rounded up to a power of two) a step
+    assert default_config(4, 1, 28672, 4096, H100, 64) == dict(block_m=1, block_n=4, block_k=4096, split_k=1,
+                                                               num_warps=4, num_stages=3, programs=3)
+    assert default_config(4, 1, 4096, 14336, H100, 64) == dict(block_m=1, block_n=2, block_k=16384, split_k=1,
+                                                               num_warps=4, num_stages=3, programs=2)
+    assert default_config(4, 1, 4096, 28672, H100, 64)["programs"] == 0  # (x would not fit in registers)
+    assert default_config(4, 1, 6144, 4096, H100, 128)["programs"] == 0  # other groups: the blocked gemv
+    assert default_config(4, 1, 6144, 4096, H100, 32)["programs"] == 0
+    assert default_config(4, 1, 4096, 28672, H100, 64)["block_k"] == 2048  # the blocked gemv: 1 KB of each row,
+    assert default_config(4, 1, 28672, 4096, H100, 64, block_k=1024)["programs"] == 0  # (asked for)
+    assert default_config(4, 1, 57344, 28672, H100, 64)["block_k"] == 1024  # half a KB from 8k rows on
+    assert default_config(4, 1, 8192, 28672, H100, 64, norm=True)["block_k"] == 1024  # and with the norm inside,
     assert default_config(8, 1, 6144, 4096, H100, norm=True)["block_k"] == 512  # for int8 too
-    assert default_config(4, 1, 1024, 8192, H100, 64)["block_n"] == 8  # 64 blocks of 16 rows would idle half the SMs
+    assert default_config(8, 1, 1024, 8192, H100)["block_n"] == 8  # 64 blocks of 16 rows would idle half the SMs
     assert default_config(8, 16, 28672, 4096, H100)["split_k"] == 1  # 448 already
     assert [default_config(8, M, 4096, 4096, H100)["block_m"] for M in (2, 16, 17, 33, 64, 65, 200)] == \
         [16, 16, 32, 64, 64, 128, 128]
     # a prefill's rows, the sweep's best at 128 rows on the 8B shapes
     assert default_config(8, 128, 28672, 4096, H100) == dict(block_m=128, block_n=64, block_k=64, split_k=1,
-                                                             num_warps=4, num_stages=4)
+                                                             num_warps=4, num_stages=4, programs=0)
     assert default_config(8, 1, 64, 256, H100)["split_k"] == 1  # too short a K to split
 
 
@@ -235,7 +247,7 @@ def test_int4_dot_config_takes_two_warps_of_mma_sync_up_to_16_rows_and_two_progr
 
     H100 = 132  # SMs
     assert default_config(4, 16, 6144, 4096, H100, 64) == dict(block_m=16, block_n=64, block_k=128, split_k=4,
-                                                               num_warps=2, num_stages=3)  # 96 blocks x 4 splits
+                                                               num_warps=2, num_stages=3, programs=0)  # 96 x 4
     assert default_config(4, 2, 28672, 4096, H100, 64)["split_k"] == 1  # 448 blocks already
 
 
