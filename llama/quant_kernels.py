@@ -420,15 +420,18 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
 def _int4_gemv_resident_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x, g_ptr,
                                res_ptr, ss_ptr, eps, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                NUM_STAGES: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                               SPLIT: tl.constexpr, SWIGLU: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                               SPLIT: tl.constexpr, SWIGLU: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+                               PREFETCH: tl.constexpr = False):
     """Program (p, row m) of a persistent grid (`programs` a config): x over all of K is rounded once, before the
     loop, and stays in registers (1 / rms(x) folded into its d and sums when NORM); the program then walks the
     weight-row blocks p, p + programs, ..., BLOCK_N rows each and all of K a step (BLOCK_K: K rounded up to a
     power of two), the next blocks' weights copied ahead by the loop pipeline, each block's products as in
-    `_int4_gemv_kernel`. The arguments are the blocked gemv's (`_launch`); k_per_split, ss_ptr and SPLIT unused.
+    `_int4_gemv_kernel`. PREFETCH: the first block's weights are asked of L2 before the wait for x (on an H100,
+    -0.75 us a layer for the K = 4096 products; more blocks, or down's, were slower). The arguments are the
+    blocked gemv's (`_launch`); k_per_split, ss_ptr and SPLIT unused.
     Against that gemv, whose every program walks and rounds x again (1,792 programs for gate_up at 8B) and
     ramps its own pipeline up and down, a chain of 8 of the 8B shape's layers took 64.4 us a layer against 69.1
-    on an H100 (docs/benchmarks.md)."""
+    on an H100, 63.4 with the prefetch (docs/benchmarks.md)."""
     KW_BLOCK: tl.constexpr = BLOCK_K // 8
     WORDS: tl.constexpr = G // 8
     GROUPS: tl.constexpr = KW_BLOCK // WORDS
@@ -438,6 +441,13 @@ def _int4_gemv_resident_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N
     in_k = i < KW
     g = tl.arange(0, GROUPS)
     x_row = x_ptr + m * stride_x
+    if ASM and PREFETCH:  # before the wait, which x needs and the weights do not: the first block's lines to L2
+        LINES: tl.constexpr = max(KW_BLOCK // 32, 1)  # 128-byte lines a row
+        rows, _ = _gemv_rows(p, N, BLOCK_N, SWIGLU)
+        line = tl.arange(0, LINES) * 32  # the first word of each line
+        first = w_ptr + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * KW + tl.minimum(line, KW - 1)[None, :]
+        tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [first], dtype=tl.int32,
+                                  is_pure=False, pack=1)
     wait_for_inputs(PDL)
     p0, p1, p2, p3, d, x_sum, squares = _x16_step(x_row, g_ptr, i, in_k, 8, NORM, WORDS)  # d: [GROUPS]
     x_sum = tl.sum(tl.reshape(x_sum, [GROUPS, WORDS]), axis=1)  # [GROUPS]
@@ -723,9 +733,11 @@ def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group
                             num_stages=num_stages, programs=programs)
     ends = dict(norm_weight=norm_weight, eps=eps, residual=residual, swiglu=swiglu)
     if config["block_m"] == 1:
-        kernel = _int4_gemv_resident_kernel if config["programs"] else _int4_gemv_kernel
-        return _launch(kernel, x, qweight.view(torch.int32), (scales, mins), N, config, **ends, G=group_size,
-                       ASM=x.is_cuda)
+        if config["programs"]:
+            return _launch(_int4_gemv_resident_kernel, x, qweight.view(torch.int32), (scales, mins), N, config,
+                           **ends, G=group_size, ASM=x.is_cuda, PREFETCH=K <= 4096)
+        return _launch(_int4_gemv_kernel, x, qweight.view(torch.int32), (scales, mins), N, config, **ends,
+                       G=group_size, ASM=x.is_cuda)
     return _launch(_int4_dot_kernel, x, qweight.view(torch.int16), (scales, mins), N, config, K // group_size,
                    **ends, G=group_size, EVEN_K=K % config["block_k"] == 0,
                    ASM=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
