@@ -77,13 +77,14 @@ parallel shards, qkv, o and down at 8B), or row blocks of 64. Elsewhere it would
 
 Launch configs (`default_config`; no autotuning, since a compiled graph must launch the same kernel every step,
 chosen without timing anything; each knob is a keyword override, which scripts/quant_kernels_bench.py sweeps):
-  M = 1    int4, groups of 64 with K <= 16384: the persistent gemv (`_int4_gemv_resident_kernel`), `programs` a
-           SM (3 up to K = 4096, else 2), BLOCK_N = 4 rows a step (2 past K = 4096), 4 warps, 3 stages: the best
-           of an H100 chain of 8B layers. Alone, against the blocked gemv's best config, it was 1-12% faster on
-           the 8B and 70B shapes but o at 70B (+2%) and down at 8B (+4%, where the chain gained 0.9 us). Groups of
-           128 alone: +4-5% at qkv and o, -5% at gate_up (8B), slower past K = 4096, no chain run; groups of 32
-           and 256 were not measured: they keep the blocked gemv, as does any K past 16384 (x would not fit in
-           registers). A programs override asks for it, a block_k or split_k override for the blocked gemv:
+  M = 1    int4, groups of 32 and 64 with K <= 16384 and of 128 with K <= 4096: the persistent gemv
+           (`_int4_gemv_resident_kernel`), `programs` a SM (3 up to K = 4096, else 2), BLOCK_N = 4 rows a step
+           (2 past K = 4096), 4 warps, 3 stages: the best of an H100 chain of 8B layers (g64: 69.1 -> 64.4 us a
+           layer; g32 72.5-73.2 -> 67.3; g128 69.2 -> 66.2, and 67.3 with down too). Alone, against the blocked
+           gemv's best config, g64 was 1-12% faster on the 8B and 70B shapes but o at 70B (+2%) and down at 8B
+           (+4%, where the chain gained 0.9 us); g128 past K = 4096 3-21% slower. Groups of 256 were not
+           measured and keep the blocked gemv, as does any K past 16384 (x would not fit in registers). A programs
+           override asks for it, a block_k or split_k override for the blocked gemv:
   M = 1    gemv: BLOCK_K = 1 KB of each row a step (1024 int8 features, 2048 int4 ones; int4 with N >= 8192:
            512 bytes: on the H100 sweep 1 KB was 3-12% faster at o and down, half a KB 2% at gate_up; with the
            norm inside, half a KB everywhere: 6-13% faster at qkv, 0-3% at gate_up),
@@ -618,7 +619,7 @@ def default_config(bits: int, M: int, N: int, K: int, sm_count: int, group_size:
     overrides = {key: value for key, value in overrides.items() if value}
     assert set(overrides) <= set(CONFIG_KEYS), overrides
     block_m = 1 if M == 1 else 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    resident = group_size == 64 and K <= 16384  # (the H100 sweeps)
+    resident = K <= (16384 if group_size in (32, 64) else 4096 if group_size == 128 else 0)  # (H100 chains)
     if overrides.get("block_m", block_m) == 1 and bits == 4 and (resident or "programs" in overrides) and not {
             "block_k", "split_k"} & set(overrides):  # the persistent gemv (x in registers: 64 a thread at 16384)
         config = dict(block_m=1, block_n=4 if K <= 4096 else 2, block_k=8 * triton.next_power_of_2(K // 8),

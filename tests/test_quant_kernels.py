@@ -128,8 +128,8 @@ cases = [  # (M, N, K, G, config): the path each exercises
     (1, 72, 192, 64, {}),                                  # persistent gemv (the default at one row), K padded
     (1, 40, 4608, 64, {}),                                 # persistent gemv past K = 4096: 2 rows a block, K padded
     (3, 72, 512, 256, dict(block_m=1, programs=1)),        # persistent gemv over 3 rows, one program walks all
-    (1, 72, 128, 32, dict(programs=2)),                    # persistent gemv, groups of 32 (asked for)
-    (1, 72, 128, 32, {}),                                  # gemv (groups of 32: the default), one step wider than K
+    (1, 72, 128, 32, {}),                                  # persistent gemv, groups of 32
+    (1, 72, 512, 256, {}),                                 # gemv (groups of 256: the default), one step wider than K
     (1, 72, 256, 64, dict(block_k=64)),                    # gemv, one whole group a step
     (1, 200, 512, 128, dict(block_k=64, split_k=3)),       # gemv, half a group a step, split-K, last split short
     (3, 72, 512, 256, dict(block_m=1, block_k=512)),       # gemv over 3 rows, two groups a step
@@ -224,8 +224,10 @@ def test_default_config_takes_the_gemv_at_one_row_and_splits_k_only_for_idle_sms
     assert default_config(4, 1, 4096, 14336, H100, 64) == dict(block_m=1, block_n=2, block_k=16384, split_k=1,
                                                                num_warps=4, num_stages=3, programs=2)
     assert default_config(4, 1, 4096, 28672, H100, 64)["programs"] == 0  # (x would not fit in registers)
-    assert default_config(4, 1, 6144, 4096, H100, 128)["programs"] == 0  # other groups: the blocked gemv
-    assert default_config(4, 1, 6144, 4096, H100, 32)["programs"] == 0
+    assert default_config(4, 1, 4096, 14336, H100, 32)["programs"] == 2  # groups of 32 as 64,
+    assert default_config(4, 1, 6144, 4096, H100, 128)["programs"] == 3  # of 128 up to K = 4096,
+    assert default_config(4, 1, 4096, 14336, H100, 128)["programs"] == 0
+    assert default_config(4, 1, 6144, 4096, H100, 256)["programs"] == 0  # of 256 not
     assert default_config(4, 1, 4096, 28672, H100, 64)["block_k"] == 2048  # the blocked gemv: 1 KB of each row,
     assert default_config(4, 1, 28672, 4096, H100, 64, block_k=1024)["programs"] == 0  # (asked for)
     assert default_config(4, 1, 57344, 28672, H100, 64)["block_k"] == 1024  # half a KB from 8k rows on
