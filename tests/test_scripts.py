@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +14,19 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_runs_on_a_tiny_model_and_prints_its_table(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--device", "cpu", "--systems",
-         "hf,ours,ours-compiled", "--batch-sizes", "1,2", "--new-tokens", "4", "--json", str(tmp_path / "out.json")],
+         "hf,ours,ours-compiled", "--batch-sizes", "1,2", "--new-tokens", "4", "--repeats", "3", "--json",
+         str(tmp_path / "out.json")],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| batch")]
     assert len(table) == 4  # 2 batch sizes x (greedy, sampled)
     assert "nan" not in "".join(table)  # every system produced a figure
-    assert (tmp_path / "out.json").exists()
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    for row in rows:  # each figure is the median of its 3 timed calls (printed to 0.1 tok/s)
+        for system in ("hf", "ours", "ours-compiled"):
+            calls = row[f"{system} calls"]
+            assert len(calls) == 3 and abs(row[system] - statistics.median(calls)) <= 0.05, (system, row)
 
 
 def test_bench_runs_split_over_two_ranks(tmp_path):
