@@ -421,15 +421,14 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_p
 def _int4_gemv_resident_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N, KW, k_per_split, stride_x, g_ptr,
                                res_ptr, ss_ptr, eps, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                NUM_STAGES: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                               SPLIT: tl.constexpr, SWIGLU: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                               PREFETCH: tl.constexpr = False):
+                               SPLIT: tl.constexpr, SWIGLU: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Program (p, row m) of a persistent grid (`programs` a config): x over all of K is rounded once, before the
     loop, and stays in registers (1 / rms(x) folded into its d and sums when NORM); the program then walks the
     weight-row blocks p, p + programs, ..., BLOCK_N rows each and all of K a step (BLOCK_K: K rounded up to a
     power of two), the next blocks' weights copied ahead by the loop pipeline, each block's products as in
-    `_int4_gemv_kernel`. PREFETCH: the first block's weights are asked of L2 before the wait for x (on an H100,
-    -0.75 us a layer for the K = 4096 products; more blocks, or down's, were slower). The arguments are the
-    blocked gemv's (`_launch`); k_per_split, ss_ptr and SPLIT unused.
+    `_int4_gemv_kernel`. Up to K = 4096 the first block's weights are asked of L2 before the wait for x (on an
+    H100, -0.75 us a layer for the 8B shape's products of K = 4096; more blocks, or down's, were slower). The
+    arguments are the blocked gemv's (`_launch`); k_per_split, ss_ptr and SPLIT unused.
     Against that gemv, whose every program walks and rounds x again (1,792 programs for gate_up at 8B) and
     ramps its own pipeline up and down, a chain of 8 of the 8B shape's layers took 64.4 us a layer against 69.1
     on an H100, 63.4 with the prefetch (docs/benchmarks.md)."""
@@ -442,7 +441,7 @@ def _int4_gemv_resident_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N
     in_k = i < KW
     g = tl.arange(0, GROUPS)
     x_row = x_ptr + m * stride_x
-    if ASM and PREFETCH:  # before the wait, which x needs and the weights do not: the first block's lines to L2
+    if ASM and BLOCK_K <= 4096:  # before the wait, which x needs and the weights do not: the first block to L2
         LINES: tl.constexpr = max(KW_BLOCK // 32, 1)  # 128-byte lines a row
         rows, _ = _gemv_rows(p, N, BLOCK_N, SWIGLU)
         line = tl.arange(0, LINES) * 32  # the first word of each line
@@ -469,6 +468,7 @@ def _int4_gemv_resident_kernel(x_ptr, w_ptr, scales_ptr, mins_ptr, out_ptr, M, N
         dot = _dot2(p3[None, :], high, dot, True, False, ASM)  # [n, i]: sum_t v_t q[n, 8i + t]
         dot = tl.sum(tl.reshape(dot, [BLOCK_N, GROUPS, WORDS]), axis=2)  # [BLOCK_N, GROUPS]
         y = tl.sum(s * (dot.to(tl.float32) * d[None, :]) + mn * x_sum[None, :], axis=1)
+        # (y already normalised, no splits: _finish's NORM and SPLIT off, its sum-of-squares pointer unused)
         _finish(out_ptr, y, m, n, M, N, 0, b, squares, KW * 8, out_ptr, res_ptr, eps, False, RESIDUAL, False, SWIGLU)
     let_next_start(PDL)
 
@@ -733,12 +733,10 @@ def _int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, group
                             block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
                             num_stages=num_stages, programs=programs)
     ends = dict(norm_weight=norm_weight, eps=eps, residual=residual, swiglu=swiglu)
-    if config["block_m"] == 1:
-        if config["programs"]:
-            return _launch(_int4_gemv_resident_kernel, x, qweight.view(torch.int32), (scales, mins), N, config,
-                           **ends, G=group_size, ASM=x.is_cuda, PREFETCH=K <= 4096)
-        return _launch(_int4_gemv_kernel, x, qweight.view(torch.int32), (scales, mins), N, config, **ends,
-                       G=group_size, ASM=x.is_cuda)
+    if config["block_m"] == 1:  # the persistent gemv (`programs` a SM) or the blocked one
+        kernel = _int4_gemv_resident_kernel if config["programs"] else _int4_gemv_kernel
+        return _launch(kernel, x, qweight.view(torch.int32), (scales, mins), N, config, **ends, G=group_size,
+                       ASM=x.is_cuda)
     return _launch(_int4_dot_kernel, x, qweight.view(torch.int16), (scales, mins), N, config, K // group_size,
                    **ends, G=group_size, EVEN_K=K % config["block_k"] == 0,
                    ASM=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))

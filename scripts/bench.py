@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--varied", action="store_true", help="also batch 64 with prompt lengths 64..512")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed generate calls per figure, after one warm-up; the table shows their median and "
-                             "the printed rows every call (single calls vary 2-5%% on an H100: docs/benchmarks.md)")
+                             "the printed rows every call (single calls vary 2-7%% on an H100: docs/benchmarks.md)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--no-pdl", action="store_true",
                         help="launch the engine's Triton kernels without programmatic dependent launch (to compare)")

@@ -240,7 +240,7 @@ def sweep_grid(bits: int, M: int, group: int = 0) -> list[dict[str, int]]:
 
 
 SHORT = {"block_m": "m", "block_n": "n", "block_k": "k", "num_warps": "warps", "num_stages": "stages",
-         "split_k": "split", "programs": "programs"}
+         "split_k": "split"}
 
 
 def describe(config: dict) -> str:
